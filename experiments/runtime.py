@@ -1,0 +1,280 @@
+"""What every experiment entry point shares, written once: seeding, distributed context,
+run directory, atomic files, checkpoints, W&B, normaliser options and ``results.json``.
+
+Entry points stay thin: compose config -> build parts -> run -> ``write_results``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_FILE = "results.json"
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+# --- seeding and distributed context ----------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Rank / world size from torchrun's (or SLURM's) environment; single-process otherwise."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+def init_distributed() -> DistributedContext:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistributedContext(rank, world_size, local_rank)
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit (with ``-dirty`` if the tree has changes), or "unknown"."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+CHECKPOINT_LAST = "checkpoint_last.pt"
+CHECKPOINT_PREVIOUS = "checkpoint_previous.pt"
+
+
+def save_checkpoint(state: Mapping[str, Any], run_dir: str | Path) -> Path:
+    """Atomically write ``checkpoint_last.pt``, keeping the one before as
+    ``checkpoint_previous.pt`` (the fallback if the last is ever unreadable)."""
+    run_dir = Path(run_dir)
+    last = run_dir / CHECKPOINT_LAST
+    if last.exists():
+        os.replace(last, run_dir / CHECKPOINT_PREVIOUS)
+    atomic_torch_save(dict(state), last)
+    return last
+
+
+def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> dict | None:
+    """The newest readable checkpoint in ``run_dir`` (``weights_only=True``), or None.
+
+    A corrupt ``checkpoint_last.pt`` falls back to ``checkpoint_previous.pt`` with a warning.
+    """
+    run_dir = Path(run_dir)
+    for name in (CHECKPOINT_LAST, CHECKPOINT_PREVIOUS):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file means: try the older one
+            warnings.warn(
+                f"checkpoint {path} is unreadable ({err}); trying an older one", stacklevel=2
+            )
+    return None
+
+
+# --- normaliser options from the config -----------------------------------------------------
+
+
+def normalizer_options(cfg: DictConfig | Mapping, which: str = "attention") -> tuple[str, dict]:
+    """(name, options) for ``build_normalizer`` from ``cfg.normalizer`` and
+    ``cfg.model.output_normalizer``.
+
+    ``normalizer=NAME`` sets attention and output alike; ``model.output_normalizer=NAME``
+    sets the output layer apart (it then gets that normaliser's default options).
+    """
+    norm = (
+        OmegaConf.to_container(cfg["normalizer"], resolve=True)
+        if isinstance(cfg["normalizer"], DictConfig)
+        else dict(cfg["normalizer"])
+    )
+    name = norm.pop("name")
+    if which == "attention":
+        return name, norm
+    if which != "output":
+        raise ValueError(f"which must be 'attention' or 'output', got {which!r}")
+    model = cfg.get("model") or {}
+    out_name = model.get("output_normalizer") or name
+    return out_name, (norm if out_name == name else {})
+
+
+# --- W&B ------------------------------------------------------------------------------------
+
+
+def init_wandb(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    name: str | None = None,
+    tags: list[str] | None = None,
+    group: str | None = None,
+):
+    """Start (or, after a restart, continue) the W&B run of this run directory.
+
+    Returns the run, or None for ``logger=none``. Offline unless ``logger.mode=online``; the
+    run id is kept in the run dir so a resumed run continues the same W&B run. No API key is
+    ever written by us.
+    """
+    logger = cfg.get("logger") or {}
+    if logger.get("name", "none") == "none":
+        return None
+    import wandb
+
+    run_dir = Path(run_dir)
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+    if not id_file.exists():
+        atomic_write_text(id_file, run_id)
+    mode = os.environ.get("WANDB_MODE") or logger.get("mode", "offline")
+    run = wandb.init(
+        project=logger.get("project"),
+        entity=logger.get("entity"),
+        group=group or logger.get("group"),
+        name=name,
+        tags=[*(logger.get("tags") or []), *(tags or [])],
+        config=OmegaConf.to_container(cfg, resolve=True),
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+        mode=mode,
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+    return run
+
+
+def finish_wandb(run) -> None:
+    """Finish the run and, when offline, print the one-line command that uploads it."""
+    if run is None:
+        return
+    offline = run.settings.mode == "offline" if hasattr(run.settings, "mode") else False
+    run_path = getattr(run.settings, "sync_dir", None)
+    run.finish()
+    if offline and run_path:
+        print(f"W&B run saved offline; upload it with: wandb sync {run_path}")
+
+
+# --- results.json ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """The contents of every run's ``results.json`` (INTERFACES.md)."""
+
+    task: str
+    dataset: str
+    model: str
+    normalizer: str
+    output_normalizer: str
+    seed: int
+    metric_name: str
+    metric_value: float
+    steps: int
+    wall_seconds: float
+    profile: str = "paper"
+    metrics: dict[str, float] = field(default_factory=dict)
+    git_commit: str = field(default_factory=git_commit)
+    finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    config: dict = field(default_factory=dict)
+
+
+def write_results(run_dir: str | Path, result: RunResult, cfg: DictConfig | None = None) -> Path:
+    """Atomically write ``results.json`` in ``run_dir``; ``cfg`` is stored resolved."""
+    if cfg is not None:
+        result.config = OmegaConf.to_container(cfg, resolve=True)
+    path = Path(run_dir) / RESULTS_FILE
+    atomic_write_text(path, json.dumps(asdict(result), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_results(path: str | Path) -> RunResult:
+    """Read a ``results.json``; raises ``ValueError`` naming the file if it is broken."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return RunResult(**data)
+    except (OSError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{path}: not a valid {RESULTS_FILE} ({err})") from err
+
+
+def hydra_run_dir() -> Path:
+    """The current Hydra run directory (the job's output dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)

@@ -1,0 +1,43 @@
+"""MultiMax: sparse and multi-modal normalisers for attention and output layers.
+
+>>> import torch, multimax
+>>> m = multimax.MultiMax(order=2)
+>>> p = m(torch.randn(4, 10))                     # rows on the simplex
+>>> n = multimax.build_normalizer("sparsemax")    # same forward(x, mask=None, dim=-1)
+"""
+
+from .attention import ATTENTION_PATHS, attention, attention_with_weights
+from .losses import NormalizerLoss, build_loss
+from .modulation import MultiMax, modulate, multimax
+from .normalizers import (
+    NORMALIZERS,
+    Entmax15,
+    EvSoftmax,
+    Normalizer,
+    Softmax,
+    Sparsemax,
+    build_normalizer,
+)
+from .optim import no_weight_decay_names, param_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTENTION_PATHS",
+    "NORMALIZERS",
+    "Entmax15",
+    "EvSoftmax",
+    "MultiMax",
+    "Normalizer",
+    "NormalizerLoss",
+    "Softmax",
+    "Sparsemax",
+    "attention",
+    "attention_with_weights",
+    "build_loss",
+    "build_normalizer",
+    "modulate",
+    "multimax",
+    "no_weight_decay_names",
+    "param_groups",
+]

@@ -1,0 +1,203 @@
+"""Scaled dot-product attention with any normaliser, behind one function.
+
+    attention(q, k, v, normalizer) = normalizer(q·kᵀ · scale, mask) · v
+
+σ-style transforms see the raw scaled scores; an additive mask is added *after* the
+transform (BRIEF §1) and its ``-inf`` entries count as masked. Masked keys get exactly zero
+weight and a query row whose keys are all masked outputs zeros.
+
+``attention`` picks an implementation from ``ATTENTION_PATHS`` (first that can run, unless
+``impl`` names one): ``sdpa`` (PyTorch's fused kernels, plain softmax only) and
+``reference`` (explicit N×N weights, every normaliser). Faster paths register themselves
+with :func:`register_attention_path`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .normalizers import Normalizer, Softmax, build_normalizer
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What a path needs to decide whether it can run, and to run."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    normalizer: Normalizer
+    keep: Tensor | None  # bool, broadcastable to (B, H, N, M); True = keep
+    bias: Tensor | None  # float, broadcastable to (B, H, N, M); added after the transform
+    is_causal: bool
+    dropout_p: float
+    scale: float
+
+
+@dataclass(frozen=True)
+class AttentionPath:
+    name: str
+    can_run: Callable[[AttentionInputs], bool]
+    run: Callable[[AttentionInputs], Tensor]
+    description: str = ""
+
+
+ATTENTION_PATHS: dict[str, AttentionPath] = {}
+
+
+def register_attention_path(path: AttentionPath, first: bool = False) -> None:
+    """Add a path; ``first=True`` puts it ahead of the existing ones for ``impl="auto"``."""
+    items = list(ATTENTION_PATHS.items())
+    items = [(n, p) for n, p in items if n != path.name]
+    items = [(path.name, path), *items] if first else [*items, (path.name, path)]
+    ATTENTION_PATHS.clear()
+    ATTENTION_PATHS.update(items)
+
+
+def split_mask(mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """(keep, bias) from a boolean (True = keep) or additive float mask."""
+    if mask is None:
+        return None, None
+    if mask.dtype == torch.bool:
+        return mask, None
+    keep = mask > float("-inf")
+    zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
+    return keep, torch.where(keep, mask, zero).to(dtype)
+
+
+def causal_keep(n: int, m: int, device: torch.device) -> Tensor:
+    """Bool (N, M): query i sees keys j <= i + (M - N) (aligned to the end, as with a cache)."""
+    return torch.ones(n, m, dtype=torch.bool, device=device).tril(diagonal=m - n)
+
+
+def combined_keep(inputs: AttentionInputs) -> Tensor | None:
+    keep = inputs.keep
+    if inputs.is_causal:
+        n, m = inputs.q.shape[-2], inputs.k.shape[-2]
+        causal = causal_keep(n, m, inputs.q.device)
+        keep = causal if keep is None else keep & causal
+    return keep
+
+
+def attention_weights(inputs: AttentionInputs) -> Tensor:
+    """The (B, H, N, M) attention weights, explicitly (the reference computation)."""
+    q, k = inputs.q, inputs.k
+    scores = torch.matmul(q, k.transpose(-2, -1)) * inputs.scale
+    return inputs.normalizer(scores, mask=combined_keep(inputs), bias=inputs.bias)
+
+
+def _reference(inputs: AttentionInputs) -> Tensor:
+    p = attention_weights(inputs)
+    if inputs.dropout_p > 0:
+        p = F.dropout(p, inputs.dropout_p, training=True)
+    return torch.matmul(p.to(inputs.v.dtype), inputs.v)
+
+
+def _sdpa_can_run(inputs: AttentionInputs) -> bool:
+    n = inputs.normalizer
+    return isinstance(n, Softmax) and not n.learn_temperature
+
+
+def _sdpa(inputs: AttentionInputs) -> Tensor:
+    normalizer = inputs.normalizer
+    assert isinstance(normalizer, Softmax)
+    scale = inputs.scale / normalizer._fixed_temperature
+    keep = combined_keep(inputs)
+    attn_mask: Tensor | None = None
+    empty_rows: Tensor | None = None
+    if keep is not None:
+        # SDPA gives NaN for a query with no key: such rows see every key, then are zeroed.
+        # (No host sync on whether any such row exists: the two ops are cheap.)
+        empty_rows = ~keep.any(dim=-1, keepdim=True)
+        attn_mask = keep | empty_rows
+    if inputs.bias is not None:
+        bias = inputs.bias / normalizer._fixed_temperature
+        if attn_mask is not None:
+            bias = torch.where(
+                attn_mask, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device)
+            )
+        attn_mask = bias
+    out = F.scaled_dot_product_attention(
+        inputs.q, inputs.k, inputs.v, attn_mask=attn_mask, dropout_p=inputs.dropout_p, scale=scale
+    )
+    if empty_rows is not None:
+        out = out.masked_fill(empty_rows, 0.0)
+    return out
+
+
+register_attention_path(
+    AttentionPath("sdpa", _sdpa_can_run, _sdpa, "torch SDPA (fixed-temperature softmax)")
+)
+register_attention_path(
+    AttentionPath("reference", lambda inputs: True, _reference, "explicit weights, any normaliser")
+)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    normalizer: Normalizer | str | None = None,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """Attention output (B, H, N, Dv) for q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv).
+
+    ``mask``: bool (True = keep) or additive float, broadcastable to (B, H, N, M).
+    ``is_causal``: query i attends to keys j <= i (+ M − N when M > N, as with a KV cache).
+    ``dropout_p``: dropout on the weights, applied whenever > 0 (pass 0 at evaluation).
+    ``scale``: defaults to 1/√D. ``impl``: ``"auto"`` or a name in ``ATTENTION_PATHS``.
+    """
+    if not isinstance(normalizer, Normalizer):
+        normalizer = build_normalizer(normalizer)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    keep, bias = split_mask(mask, q.dtype)
+    inputs = AttentionInputs(q, k, v, normalizer, keep, bias, is_causal, dropout_p, scale)
+    if impl == "auto":
+        for path in ATTENTION_PATHS.values():
+            if path.can_run(inputs):
+                return path.run(inputs)
+        raise RuntimeError("no attention path can run these inputs")  # reference always can
+    if impl not in ATTENTION_PATHS:
+        raise ValueError(
+            f"unknown attention impl {impl!r}; valid: auto, {', '.join(ATTENTION_PATHS)}"
+        )
+    path = ATTENTION_PATHS[impl]
+    if not path.can_run(inputs):
+        runnable = [name for name, p in ATTENTION_PATHS.items() if p.can_run(inputs)]
+        raise ValueError(
+            f"attention impl {impl!r} ({path.description}) cannot run here "
+            f"(normalizer={type(normalizer).__name__}, device={q.device.type}, "
+            f"dtype={q.dtype}, torch={torch.__version__}); paths that can: {', '.join(runnable)}"
+        )
+    return path.run(inputs)
+
+
+def attention_with_weights(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    normalizer: Normalizer | str | None = None,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(output, weights) through the reference path, for diagnostics and analysis."""
+    if not isinstance(normalizer, Normalizer):
+        normalizer = build_normalizer(normalizer)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    keep, bias = split_mask(mask, q.dtype)
+    inputs = AttentionInputs(q, k, v, normalizer, keep, bias, is_causal, 0.0, scale)
+    weights = attention_weights(inputs)
+    return torch.matmul(weights.to(v.dtype), v), weights

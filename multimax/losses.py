@@ -1,0 +1,134 @@
+"""Output-layer training losses, one per normaliser family.
+
+* softmax-like normalisers (softmax, softmax with temperature, multimax, evsoftmax): the
+  cross-entropy of the normaliser's *training* distribution, i.e. ``cross_entropy`` on the
+  transformed logits (σ(z) for MultiMax, z / T for softmax, z + log w_ε for evsoftmax, which
+  keeps every log-probability >= log ε and so stays finite);
+* sparse normalisers (sparsemax, 1.5-entmax): the Fenchel-Young loss of their regulariser,
+
+      L(z; q) = <z, p* − q> − Ω(p*) + Ω(q),   Ω(p) = (Σ_i p_i^α − 1) / (α(α − 1)),
+
+  with p* the normaliser's output, α = 2 (sparsemax) or 1.5 (entmax); its gradient is
+  p* − q. Label smoothing replaces the one-hot q by (1 − ε)·onehot + ε / V.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .normalizers import (
+    EVSOFTMAX_EPSILON,
+    Normalizer,
+    build_normalizer,
+    entmax15_masked,
+    evsoftmax_log_weights,
+    sparsemax_masked,
+)
+
+_FY_ALPHA = {"sparsemax": 2.0, "entmax15": 1.5}
+
+
+def _reduce(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / valid.sum().clamp_min(1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+class _FenchelYoung(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, q: Tensor, alpha: float) -> Tensor:
+        p = sparsemax_masked(z) if alpha == 2.0 else entmax15_masked(z)
+
+        def omega(r: Tensor) -> Tensor:
+            return (r.clamp_min(0).pow(alpha).sum(-1) - 1) / (alpha * (alpha - 1))
+
+        loss = ((p - q) * z).sum(-1) - omega(p) + omega(q)
+        ctx.save_for_backward(p - q)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (diff,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * diff, None, None
+
+
+class NormalizerLoss(nn.Module):
+    """Training loss of an output layer whose predictive distribution is ``normalizer(z)``.
+
+    ``forward(logits, target)``: logits (..., V), integer targets (...); entries equal to
+    ``ignore_index`` contribute nothing. Computed in float32.
+    """
+
+    def __init__(
+        self,
+        normalizer: Normalizer,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.normalizer = normalizer
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def training_logits(self, logits: Tensor) -> Tensor:
+        """Scores whose softmax is the normaliser's training distribution (softmax family)."""
+        z = self.normalizer.transform(logits.float())
+        if self.normalizer.mapping == "evsoftmax":
+            z = z + evsoftmax_log_weights(z, epsilon=EVSOFTMAX_EPSILON)
+        return z
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        vocab = logits.shape[-1]
+        z = logits.reshape(-1, vocab)
+        t = target.reshape(-1)
+        valid = t != self.ignore_index
+        mapping = self.normalizer.mapping
+        if mapping in _FY_ALPHA:
+            z = self.normalizer.transform(z.float())
+            safe_t = torch.where(valid, t, torch.zeros_like(t))
+            q = F.one_hot(safe_t, vocab).to(z.dtype)
+            if self.label_smoothing > 0:
+                q = q * (1 - self.label_smoothing) + self.label_smoothing / vocab
+            loss = _FenchelYoung.apply(z, q, _FY_ALPHA[mapping])
+            loss = torch.where(valid, loss, torch.zeros_like(loss))
+        else:
+            loss = F.cross_entropy(
+                self.training_logits(z),
+                t,
+                ignore_index=self.ignore_index,
+                label_smoothing=self.label_smoothing,
+                reduction="none",
+            )
+        if self.reduction == "none":
+            return loss.reshape(target.shape)
+        return _reduce(loss, valid, self.reduction)
+
+
+def build_loss(
+    normalizer: Normalizer | str | None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    **normalizer_options,
+) -> NormalizerLoss:
+    """The right training loss for an output layer using ``normalizer``.
+
+    Pass the output layer's own normaliser module (so a learned σ or temperature is shared
+    with the model), or a registry name to build a fresh one.
+    """
+    if not isinstance(normalizer, Normalizer):
+        normalizer = build_normalizer(normalizer, **normalizer_options)
+    return NormalizerLoss(normalizer, label_smoothing, ignore_index, reduction)
+
+
+__all__ = ["NormalizerLoss", "build_loss"]
