@@ -278,3 +278,44 @@ def hydra_run_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+# --- dry runs for cluster jobs ----------------------------------------------------------------
+
+
+def dry_run_report(
+    *,
+    task: str,
+    parameters: int,
+    items_per_step: int,
+    item_name: str,
+    step_seconds: float,
+    total_steps: int,
+    device: torch.device,
+    world_size: int = 1,
+) -> str:
+    """The lines printed by ``dry_run=true``: what the full schedule would cost.
+
+    ``step_seconds`` is the measured time of one optimiser step on this device (after a
+    warm-up step); the estimate assumes the same step time on every device of the job.
+    """
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        memory = f"{peak:.2f} GiB peak allocated on {torch.cuda.get_device_name(device)}"
+    else:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        memory = f"{rss:.2f} GiB peak resident (CPU)"
+    hours = step_seconds * total_steps / 3600
+    lines = [
+        f"[dry run] {task}",
+        f"  parameters:        {parameters:,}",
+        f"  {item_name} per step:  {items_per_step:,} (world size {world_size})",
+        f"  peak memory:       {memory}",
+        f"  step time:         {step_seconds:.3f} s on {device.type}",
+        f"  full schedule:     {total_steps:,} steps ≈ {hours:.1f} h wall on this device",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    return text

@@ -6,7 +6,7 @@
 >>> n = multimax.build_normalizer("sparsemax")    # same forward(x, mask=None, dim=-1)
 """
 
-from .attention import ATTENTION_PATHS, attention, attention_with_weights
+from .attention import ATTENTION_PATHS, attention, attention_with_weights, record_attention
 from .losses import NormalizerLoss, build_loss
 from .modulation import MultiMax, modulate, multimax
 from .normalizers import (
@@ -40,4 +40,5 @@ __all__ = [
     "multimax",
     "no_weight_decay_names",
     "param_groups",
+    "record_attention",
 ]

@@ -15,7 +15,9 @@ with :func:`register_attention_path`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +141,28 @@ register_attention_path(
 )
 
 
+_recording = threading.local()
+
+
+@contextmanager
+def record_attention() -> Iterator[list[Tensor]]:
+    """Collect the weights of every :func:`attention` call made inside the block.
+
+    Yields a list that receives one detached (B, H, N, M) tensor per call, in call order
+    (i.e. layer order for one forward pass). Calls inside run through the reference path.
+
+    >>> with record_attention() as weights:
+    ...     model(x)
+    """
+    previous = getattr(_recording, "sink", None)
+    sink: list[Tensor] = []
+    _recording.sink = sink
+    try:
+        yield sink
+    finally:
+        _recording.sink = previous
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -163,6 +187,13 @@ def attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     keep, bias = split_mask(mask, q.dtype)
     inputs = AttentionInputs(q, k, v, normalizer, keep, bias, is_causal, dropout_p, scale)
+    sink = getattr(_recording, "sink", None)
+    if sink is not None:
+        weights = attention_weights(inputs)
+        sink.append(weights.detach())
+        if dropout_p > 0:
+            weights = F.dropout(weights, dropout_p, training=True)
+        return torch.matmul(weights.to(v.dtype), v)
     if impl == "auto":
         for path in ATTENTION_PATHS.values():
             if path.can_run(inputs):
