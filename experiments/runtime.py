@@ -179,6 +179,34 @@ def normalizer_options(cfg: DictConfig | Mapping, which: str = "attention") -> t
 # --- W&B ------------------------------------------------------------------------------------
 
 
+def run_tags(cfg: DictConfig | Mapping) -> list[str]:
+    """W&B tags every run carries: normaliser (attention and output), model, seed, profile."""
+    attn, _ = normalizer_options(cfg, "attention")
+    out, _ = normalizer_options(cfg, "output")
+    tags = [f"normalizer={attn}", f"output_normalizer={out}", f"seed={cfg.get('seed', 0)}"]
+    model = cfg.get("model") or {}
+    if model.get("name"):
+        tags.append(f"model={model.get('name')}")
+    profile = cfg.get("profile") or {}
+    if profile.get("name"):
+        tags.append(f"profile={profile.get('name')}")
+    return tags
+
+
+def _sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep directory's name groups its runs in W&B."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return Path(hc.sweep.dir).name
+    except (ImportError, ValueError):
+        pass
+    return None
+
+
 def init_wandb(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -203,12 +231,14 @@ def init_wandb(
     if not id_file.exists():
         atomic_write_text(id_file, run_id)
     mode = os.environ.get("WANDB_MODE") or logger.get("mode", "offline")
+    tags = [*(logger.get("tags") or []), *run_tags(cfg), *(tags or [])]
+    group = group or logger.get("group") or _sweep_group()
     run = wandb.init(
         project=logger.get("project"),
         entity=logger.get("entity"),
-        group=group or logger.get("group"),
+        group=group,
         name=name,
-        tags=[*(logger.get("tags") or []), *(tags or [])],
+        tags=list(dict.fromkeys(tags)),
         config=OmegaConf.to_container(cfg, resolve=True),
         dir=str(run_dir),
         id=run_id,
