@@ -349,3 +349,22 @@ def dry_run_report(
     text = "\n".join(lines)
     print(text)
     return text
+
+
+# --- training curves ------------------------------------------------------------------------
+
+METRICS_LOG = "metrics.jsonl"
+
+
+def log_metrics(
+    run_dir: str | Path, step: int, metrics: Mapping[str, float], wandb_run=None
+) -> None:
+    """Append one line ``{"step": ..., **metrics}`` to ``metrics.jsonl`` in the run dir (the
+    source of training-curve figures) and log the same to W&B when a run is given."""
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    path = Path(run_dir) / METRICS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb_run is not None:
+        wandb_run.log(dict(metrics), step=int(step))
