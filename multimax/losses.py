@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .normalizers import (
     EVSOFTMAX_EPSILON,
     Normalizer,
+    _upcast,
     build_normalizer,
     entmax15_masked,
     evsoftmax_log_weights,
@@ -82,7 +83,7 @@ class NormalizerLoss(nn.Module):
 
     def training_logits(self, logits: Tensor) -> Tensor:
         """Scores whose softmax is the normaliser's training distribution (softmax family)."""
-        z = self.normalizer.transform(logits.float())
+        z = self.normalizer.transform(_upcast(logits))
         if self.normalizer.mapping == "evsoftmax":
             z = z + evsoftmax_log_weights(z, epsilon=EVSOFTMAX_EPSILON)
         return z
@@ -94,7 +95,7 @@ class NormalizerLoss(nn.Module):
         valid = t != self.ignore_index
         mapping = self.normalizer.mapping
         if mapping in _FY_ALPHA:
-            z = self.normalizer.transform(z.float())
+            z = self.normalizer.transform(_upcast(z))
             safe_t = torch.where(valid, t, torch.zeros_like(t))
             q = F.one_hot(safe_t, vocab).to(z.dtype)
             if self.label_smoothing > 0:
