@@ -13,7 +13,8 @@ def test_softmax_loss_is_cross_entropy_with_label_smoothing():
     z, t = torch.randn(8, 11), torch.randint(0, 11, (8,))
     for ls in (0.0, 0.1):
         torch.testing.assert_close(
-            build_loss("softmax", label_smoothing=ls)(z, t), F.cross_entropy(z, t, label_smoothing=ls)
+            build_loss("softmax", label_smoothing=ls)(z, t),
+            F.cross_entropy(z, t, label_smoothing=ls),
         )
 
 

@@ -98,7 +98,9 @@ def test_gradcheck_float64_inputs_and_parameters(name, kw):
     n = build_normalizer(name, **kw).double().train()
     if name == "multimax":
         with torch.no_grad():  # away from the default ~0 so every σ piece is exercised
-            for p, v in zip(n.sigma_parameters(), ([-0.4, 0.2], [0.5, 0.8], [-1.0, 0.3], [-0.5, 0.2])):
+            for p, v in zip(
+                n.sigma_parameters(), ([-0.4, 0.2], [0.5, 0.8], [-1.0, 0.3], [-0.5, 0.2])
+            ):
                 p.copy_(torch.tensor(v[: n.order], dtype=torch.float64))
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(3, 7, dtype=torch.bool)
@@ -122,7 +124,9 @@ def test_sparsemax_and_entmax15_match_the_entmax_package():
 
 def test_softmax_temperature():
     x = torch.randn(4, 9)
-    torch.testing.assert_close(build_normalizer("softmax", temperature=0.5)(x), torch.softmax(2 * x, -1))
+    torch.testing.assert_close(
+        build_normalizer("softmax", temperature=0.5)(x), torch.softmax(2 * x, -1)
+    )
     learned = build_normalizer("softmax", learn_temperature=True, temperature=2.0)
     assert len(list(learned.parameters())) == 1
     torch.testing.assert_close(learned(x), torch.softmax(x / 2, -1))
