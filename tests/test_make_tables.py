@@ -1,0 +1,172 @@
+"""scripts/make_tables.py: results.json files in, tables out (numbers equal the files)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.runtime import RunResult, write_results
+from scripts import make_tables as mt
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(root: Path, sub: str, normalizer: str, seed: int, value: float, **kw) -> Path:
+    """A run directory with a results.json written by the shared runtime."""
+    fields = dict(
+        task="image_classification",
+        dataset="imagenet",
+        model="deit_tiny_gap_patch16_224",
+        normalizer=normalizer,
+        output_normalizer=normalizer,
+        seed=seed,
+        metric_name="top1",
+        metric_value=value,
+        steps=10,
+        wall_seconds=1.0,
+        profile="paper",
+        config={"normalizer": {"name": normalizer}},
+    )
+    fields.update(kw)
+    run_dir = root / sub
+    run_dir.mkdir(parents=True)
+    write_results(run_dir, RunResult(**fields))
+    return run_dir
+
+
+@pytest.fixture
+def multirun(tmp_path: Path) -> Path:
+    """A Hydra multirun layout: runs/<task>/multirun/<time>/<num>_<overrides>/results.json."""
+    root = tmp_path / "runs" / "image_classification" / "multirun" / "2026-01-01_00-00-00"
+    _run(root, "0_normalizer=softmax,seed=0", "softmax", 0, 70.0)
+    _run(root, "1_normalizer=softmax,seed=1", "softmax", 1, 72.0)
+    _run(root, "2_normalizer=multimax,seed=0", "multimax", 0, 71.0)
+    _run(root, "3_normalizer=multimax,seed=1", "multimax", 1, 74.0)
+    return tmp_path / "runs"
+
+
+def _rows(csv_path: Path) -> dict[str, dict]:
+    with csv_path.open() as f:
+        return {r["normalizer"]: r for r in csv.DictReader(f)}
+
+
+def test_seeds_aggregated_with_delta_to_softmax(multirun: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tables"
+    mt.make_tables([multirun], out)
+    rows = _rows(out / "imagenet_top1.csv")
+    assert set(rows) == {"softmax", "multimax"}
+    assert rows["softmax"]["n"] == "2" and rows["softmax"]["seeds"] == "0 1"
+    assert float(rows["softmax"]["mean"]) == pytest.approx(71.0)
+    assert float(rows["softmax"]["std"]) == pytest.approx(2**0.5)
+    assert float(rows["multimax"]["mean"]) == pytest.approx(72.5)
+    assert float(rows["multimax"]["delta_vs_softmax"]) == pytest.approx(1.5)
+    md = (out / "imagenet_top1.md").read_text()
+    assert "| 72.50 ± 2.12 | 2 | 0,1 | +1.50 | n/a |" in md
+    tex = (out / "imagenet_top1.tex").read_text()
+    assert r"\begin{tabular}" in tex and "72.50 $\\pm$ 2.12" in tex
+
+
+def test_editing_a_copied_results_json_changes_the_table(multirun: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(multirun, copy)
+    target = next(p for p in copy.rglob("results.json") if "multimax,seed=1" in str(p))
+    data = json.loads(target.read_text())
+    data["metric_value"] = 80.0
+    target.write_text(json.dumps(data))
+    mt.make_tables([copy], tmp_path / "t")
+    rows = _rows(tmp_path / "t" / "imagenet_top1.csv")
+    assert float(rows["multimax"]["mean"]) == pytest.approx(75.5)
+    assert "| 75.50 ± 6.36 |" in (tmp_path / "t" / "imagenet_top1.md").read_text()
+
+
+def test_broken_and_partial_files_reported_by_path_and_skipped(
+    multirun: Path, tmp_path: Path, capsys
+) -> None:
+    broken = multirun / "broken" / "results.json"
+    broken.parent.mkdir()
+    broken.write_text('{"task": "image_classification", "metric_va')
+    partial = multirun / "partial" / "results.json"
+    partial.parent.mkdir()
+    partial.write_text(json.dumps({"task": "image_classification", "normalizer": "multimax"}))
+    nan = _run(multirun, "nan", "multimax", 2, float("nan")) / "results.json"
+    _, problems = mt.make_tables([multirun], tmp_path / "t")
+    err = capsys.readouterr().err
+    for path in (broken, partial, nan):
+        assert str(path) in err
+        assert any(str(path) in p for p in problems)
+    rows = _rows(tmp_path / "t" / "imagenet_top1.csv")
+    assert rows["multimax"]["n"] == "2"  # the NaN seed 2 is not averaged in
+    assert str(broken) in (tmp_path / "t" / "tables.md").read_text()
+
+
+def test_smoke_runs_get_separate_labelled_tables(multirun: Path, tmp_path: Path) -> None:
+    _run(multirun, "smoke", "multimax", 0, 0.5, profile="smoke", dataset="digits")
+    mt.make_tables([multirun], tmp_path / "t")
+    smoke = (tmp_path / "t" / "imagenet_top1_smoke.md").read_text()
+    assert "SMOKE RESULTS" in smoke and "NOT comparable to the paper" in smoke
+    assert "| 0.500 |" in smoke and "paper" not in smoke.split("\n")[6]  # no paper column
+    assert _rows(tmp_path / "t" / "imagenet_top1.csv")["multimax"]["n"] == "2"
+
+
+def test_paper_values_and_variants(multirun: Path, tmp_path: Path) -> None:
+    _run(multirun, "order1", "multimax", 0, 69.0,
+         config={"normalizer": {"name": "multimax", "order": 1}})  # fmt: skip
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"tables": {"imagenet_top1": {"rows": [
+        {"model": "deit_tiny_gap_patch16_224", "normalizer": "softmax",
+         "output_normalizer": "softmax", "value": 1.0},
+        {"model": "deit_tiny_gap_patch16_224", "normalizer": "multimax",
+         "output_normalizer": "multimax", "value": 3.0}]}}}))  # fmt: skip
+    mt.make_tables([multirun], tmp_path / "t", paper_reference=ref)
+    rows = _rows(tmp_path / "t" / "imagenet_top1.csv")
+    assert rows["multimax(order=1)"]["n"] == "1"
+    assert rows["multimax"]["paper_value"] == "3.0"
+    assert float(rows["multimax"]["paper_delta_vs_softmax"]) == 2.0
+    assert rows["multimax(order=1)"]["paper_value"] == ""
+
+
+def test_shipped_paper_reference_has_only_nulls() -> None:
+    ref = json.loads((REPO / "results" / "paper_reference.json").read_text())
+    values = [r["value"] for t in ref["tables"].values() for r in t["rows"]]
+    assert values and all(v is None for v in values)
+    assert all("2406.01189" in t["source"] for t in ref["tables"].values())
+
+
+def test_duplicate_seed_keeps_newest(multirun: Path, tmp_path: Path) -> None:
+    _run(multirun, "rerun", "softmax", 0, 60.0, finished_at="2999-01-01T00:00:00")
+    _, notes = mt.make_tables([multirun], tmp_path / "t")
+    rows = _rows(tmp_path / "t" / "imagenet_top1.csv")
+    assert rows["softmax"]["n"] == "2"
+    assert float(rows["softmax"]["mean"]) == pytest.approx(66.0)
+    assert any("superseded" in n for n in notes)
+
+
+def test_wandb_record_and_offline_error(monkeypatch) -> None:
+    config = {"task": "lm", "seed": 3, "model": {"name": "transformer_lm"},
+              "normalizer": {"name": "multimax", "order": 2}, "profile": {"name": "paper"},
+              "data": {"name": "wikitext103"}}  # fmt: skip
+    run = mt.run_from_record(
+        mt.record_from_wandb(config, {"metric_name": "test_ppl", "test_ppl": 30.5}), "w"
+    )
+    assert (run.normalizer, run.output_normalizer, run.seed) == ("multimax", "multimax", 3)
+    assert mt.table_of(run).key == "wikitext103_ppl" and run.metric_value == 30.5
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(SystemExit, match="WANDB_MODE=offline"):
+        mt.make_tables(from_wandb="me/multimax-lm", out="unused")
+
+
+def test_cli_as_a_file(multirun: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(multirun), "--out",
+         str(out)], capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "4 runs -> 1 tables, 2 rows" in proc.stdout
+    assert (out / "imagenet_top1.md").exists() and (out / "tables.md").exists()
