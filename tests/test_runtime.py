@@ -1,0 +1,107 @@
+"""Shared run machinery: atomic files, checkpoint fallback, results.json, config plumbing."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from experiments import runtime
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "a.txt"
+    runtime.atomic_write_text(target, "one")
+    runtime.atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert os.listdir(target.parent) == ["a.txt"]
+
+
+def test_checkpoint_falls_back_to_previous_when_last_is_corrupt(tmp_path):
+    assert runtime.load_checkpoint(tmp_path) is None
+    runtime.save_checkpoint({"step": 1, "w": torch.ones(2)}, tmp_path)
+    runtime.save_checkpoint({"step": 2, "w": torch.zeros(2)}, tmp_path)
+    assert runtime.load_checkpoint(tmp_path)["step"] == 2
+    (tmp_path / runtime.CHECKPOINT_LAST).write_bytes(b"truncated garbage")
+    with pytest.warns(UserWarning, match="unreadable"):
+        state = runtime.load_checkpoint(tmp_path)
+    assert state["step"] == 1
+
+
+def test_results_round_trip_and_broken_files(tmp_path):
+    cfg = OmegaConf.create({"a": 1, "b": "${a}"})
+    result = runtime.RunResult(
+        task="image_classification",
+        dataset="digits",
+        model="m",
+        normalizer="multimax",
+        output_normalizer="softmax",
+        seed=3,
+        metric_name="top1",
+        metric_value=91.5,
+        steps=10,
+        wall_seconds=1.5,
+        profile="smoke",
+    )
+    path = runtime.write_results(tmp_path, result, cfg)
+    data = json.loads(path.read_text())
+    assert data["config"] == {"a": 1, "b": 1} and data["metric_value"] == 91.5
+    assert data["git_commit"] and data["git_commit"] != ""
+    assert runtime.read_results(path) == runtime.RunResult(**data)
+    path.write_text('{"task": "x"')
+    with pytest.raises(ValueError, match="results.json"):
+        runtime.read_results(path)
+
+
+def compose_normalizer(*overrides):
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = compose("common", overrides=list(overrides))
+    OmegaConf.set_struct(cfg, False)
+    return OmegaConf.merge(cfg, {"model": {"output_normalizer": "${normalizer.name}"}})
+
+
+def test_normalizer_options_follow_the_config_groups():
+    cfg = compose_normalizer("normalizer=multimax", "normalizer.order=1")
+    assert runtime.normalizer_options(cfg) == ("multimax", {"order": 1})
+    assert runtime.normalizer_options(cfg, "output") == ("multimax", {"order": 1})
+    cfg.model.output_normalizer = "softmax"
+    assert runtime.normalizer_options(cfg, "output") == ("softmax", {})
+    cfg = compose_normalizer("normalizer=softmax_learned_temp")
+    assert runtime.normalizer_options(cfg)[1]["learn_temperature"] is True
+
+
+def test_every_normalizer_config_builds():
+    import multimax
+
+    for file in sorted((CONFIGS / "normalizer").glob("*.yaml")):
+        cfg = compose_normalizer(f"normalizer={file.stem}")
+        name, options = runtime.normalizer_options(cfg)
+        assert isinstance(multimax.build_normalizer(name, **options), multimax.Normalizer)
+
+
+def test_log_metrics_appends_jsonl(tmp_path):
+    runtime.log_metrics(tmp_path, 1, {"loss": 2.0})
+    runtime.log_metrics(tmp_path, 2, {"loss": 1.0, "top1": torch.tensor(50.0)})
+    lines = [json.loads(x) for x in (tmp_path / runtime.METRICS_LOG).read_text().splitlines()]
+    assert lines == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "top1": 50.0}]
+
+
+def test_wandb_offline_run_resumes_with_the_same_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_normalizer("logger=wandb")
+    cfg.task = "unit"
+    run = runtime.init_wandb(cfg, tmp_path, name="first")
+    first_id = run.id
+    assert "normalizer=multimax" in run.tags
+    run.log({"loss": 1.0})
+    runtime.finish_wandb(run)
+    run = runtime.init_wandb(cfg, tmp_path, name="again")
+    assert run.id == first_id
+    runtime.finish_wandb(run)
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{first_id}"))
+    assert runtime.init_wandb(compose_normalizer("logger=none"), tmp_path) is None
