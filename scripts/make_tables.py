@@ -347,19 +347,24 @@ def build_rows(
     return dict(tables), notes
 
 
+def _is_baseline(row: Row) -> bool:
+    return row.normalizer == BASELINE and row.output_normalizer in (BASELINE, "none")
+
+
 def _row_order(row: Row) -> tuple:
-    baseline_first = 0 if (row.normalizer, row.output_normalizer) == (BASELINE, BASELINE) else 1
-    return (row.model, row.dataset, row.metric_name, baseline_first, row.normalizer,
+    return (row.model, row.dataset, row.metric_name, not _is_baseline(row), row.normalizer,
             row.output_normalizer)  # fmt: skip
 
 
 def _baseline(rows: Sequence[Row], row: Row) -> Row | None:
+    """The softmax/softmax row of the same model (softmax/none for a model without an
+    output distribution)."""
     for other in rows:
         if (
             other.model == row.model
             and other.dataset == row.dataset
             and other.metric_name == row.metric_name
-            and (other.normalizer, other.output_normalizer) == (BASELINE, BASELINE)
+            and _is_baseline(other)
         ):
             return other
     return None
@@ -382,7 +387,7 @@ def _fmt(value: float | None, signed: bool = False, scale: float | None = None) 
 
 def _cells(row: Row, with_paper: bool) -> list[str]:
     std = "" if row.std is None else f" ± {_fmt(row.std, scale=row.mean)}"
-    is_base = (row.normalizer, row.output_normalizer) == (BASELINE, BASELINE)
+    is_base = _is_baseline(row)
     cells = [
         row.model,
         row.dataset,
