@@ -1,0 +1,157 @@
+"""Mechanism study: train one attention layer on a retrieval task with known answers and
+measure the shape of its attention (residual mass, modes kept, task error).
+
+    python -m experiments.mechanism experiment=mechanism_retrieval normalizer=multimax
+    python -m experiments.mechanism experiment=mechanism_retrieval profile=smoke logger=none
+
+Writes ``results.json`` (task "mechanism", metric ``task_error``; the attention metrics in
+``metrics``) and ``inspect.json`` (attention rows of the first held-out examples, their raw
+scores, the learned normaliser scalars) into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+import multimax
+from experiments import runtime
+from experiments.mechanism_task import (
+    RetrievalAttention,
+    RetrievalTask,
+    evaluate,
+    normalizer_parameters,
+    sample_batch,
+)
+
+# Held-out data come from their own stream, the same for every normaliser of a seed.
+EVAL_STREAM = 1_000_003
+
+
+def normalizer_label(cfg: DictConfig) -> str:
+    """The normaliser's name as tables show it: softmax_learned_temp, multimax_order2, ..."""
+    name, options = runtime.normalizer_options(cfg, "attention")
+    if name == "softmax" and options.get("learn_temperature"):
+        return "softmax_learned_temp"
+    if name == "multimax":
+        return f"multimax_order{options.get('order', 2)}"
+    return name
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = runtime.hydra_run_dir()
+    runtime.seed_everything(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    task = RetrievalTask(**{f.name: cfg.data[f.name] for f in dataclasses.fields(RetrievalTask)})
+    name, options = runtime.normalizer_options(cfg, "attention")
+    model = RetrievalAttention(
+        task, multimax.build_normalizer(name, **options), cfg.model.dim, cfg.model.heads
+    )
+    optimizer = torch.optim.Adam(
+        multimax.param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr
+    )
+    train_stream = torch.Generator().manual_seed(cfg.seed)
+    eval_data = sample_batch(
+        task, cfg.data.eval_examples, torch.Generator().manual_seed(cfg.seed + EVAL_STREAM)
+    )
+    label = normalizer_label(cfg)
+    wandb_run = runtime.init_wandb(
+        cfg, run_dir, name=f"{label}_N{task.num_items}_m{task.num_relevant}_seed{cfg.seed}"
+    )
+
+    start = time.perf_counter()
+    steps = cfg.train.steps
+    for step in range(1, steps + 1):
+        batch = sample_batch(task, cfg.train.batch_size, train_stream)
+        loss = torch.nn.functional.mse_loss(model(batch.query, batch.items), batch.target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % cfg.train.log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - start
+            rate = step / elapsed
+            print(
+                f"[{label} N={task.num_items} m={task.num_relevant} seed={cfg.seed}] "
+                f"step {step}/{steps} loss/Var(y) {loss.item() / task.target_variance:.4f} "
+                f"{rate:.0f} steps/s ETA {(steps - step) / rate:.0f}s",
+                flush=True,
+            )
+            if wandb_run is not None:
+                wandb_run.log({"train/loss": loss.item()}, step=step)
+
+    # Held-out metrics at the training N, then at every N of eval.num_items (same model).
+    results, rows = evaluate(model, task, eval_data, cfg.eval.rel_threshold)
+    for n in cfg.eval.num_items or []:
+        if n == task.num_items:
+            continue
+        task_n = dataclasses.replace(task, num_items=n)
+        data_n = sample_batch(
+            task_n,
+            cfg.data.eval_examples,
+            torch.Generator().manual_seed(cfg.seed + EVAL_STREAM + n),
+        )
+        at_n, _ = evaluate(model, task_n, data_n, cfg.eval.rel_threshold)
+        results.update({f"N{n}/{k}": v for k, v in at_n.items()})
+    results.update({f"N{task.num_items}/{k}": v for k, v in list(results.items()) if "/" not in k})
+    wall = time.perf_counter() - start
+    learned = normalizer_parameters(model.normalizer)
+    for key, value in learned.items():
+        if isinstance(value, float):
+            results[f"normalizer/{key}"] = value
+    print(
+        f"[{label} N={task.num_items} m={task.num_relevant} seed={cfg.seed}] held-out: "
+        + " ".join(f"{k} {results[k]:.4f}" for k in ("task_error", "residual_mass", "modes_kept"))
+        + f" ({wall:.1f}s)",
+        flush=True,
+    )
+    if wandb_run is not None:
+        wandb_run.log({f"eval/{k}": v for k, v in results.items()}, step=steps)
+    runtime.finish_wandb(wandb_run)
+
+    k = min(cfg.eval.examples_to_save, len(eval_data))
+    with torch.no_grad():
+        raw_scores = model.scores(eval_data.query[:k], eval_data.items[:k])
+    inspect = {
+        "normalizer": label,
+        "num_items": task.num_items,
+        "num_relevant": task.num_relevant,
+        "seed": cfg.seed,
+        "relevant": eval_data.relevant[:k].tolist(),
+        "attention": rows[:k].tolist(),  # (k, H, N)
+        "scores": raw_scores.tolist(),  # (k, H, N), before the normaliser's transform
+        "normalizer_parameters": learned,
+    }
+    runtime.atomic_write_text(run_dir / "inspect.json", json.dumps(inspect) + "\n")
+    runtime.write_results(
+        run_dir,
+        runtime.RunResult(
+            task=cfg.task,
+            dataset=cfg.data.name,
+            model=cfg.model.name,
+            normalizer=label,
+            output_normalizer=runtime.normalizer_options(cfg, "output")[0],
+            seed=cfg.seed,
+            metric_name="task_error",
+            metric_value=results["task_error"],
+            steps=steps,
+            wall_seconds=wall,
+            profile=cfg.profile.name,
+            metrics=results,
+        ),
+        cfg,
+    )
+    return results
+
+
+@hydra.main(config_path="../configs", config_name="mechanism", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    return train(cfg)["task_error"]
+
+
+if __name__ == "__main__":
+    main()
