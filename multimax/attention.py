@@ -6,10 +6,21 @@
 transform (BRIEF §1) and its ``-inf`` entries count as masked. Masked keys get exactly zero
 weight and a query row whose keys are all masked outputs zeros.
 
-``attention`` picks an implementation from ``ATTENTION_PATHS`` (first that can run, unless
-``impl`` names one): ``sdpa`` (PyTorch's fused kernels, plain softmax only) and
-``reference`` (explicit N×N weights, every normaliser). Faster paths register themselves
-with :func:`register_attention_path`.
+``attention`` picks an implementation from ``ATTENTION_PATHS`` (the first whose ``auto``
+test passes, unless ``impl`` names one):
+
+* ``flex``: FlexAttention with σ as ``score_mod`` (CUDA; flash-style, no N×M tensor;
+  forward-only on the CPU, so only when forced there);
+* ``sdpa``: PyTorch's fused kernels, fixed-temperature softmax only;
+* ``inference``: σ fused into the softmax, nothing saved (no gradient needed);
+* ``fused``: σ + softmax with its own memory-lean backward (:mod:`multimax.fused`);
+* ``reference``: explicit N×M weights, every normaliser.
+
+``inference`` and ``fused`` serve softmax-of-point-wise-σ normalisers (MultiMax, softmax
+with temperature); ``auto`` takes them when their kernels run compiled
+(:func:`multimax.fused.use_compiled_kernels`: large score tensors, or ``MULTIMAX_COMPILE=1``),
+since the uncompiled kernels are no faster than the reference. :func:`use_attention_impl`
+overrides ``"auto"`` for a block of code (benchmarks, debugging).
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .flex import flex_can_run, flex_sigma_attention
+from .fused import fused_attention, pointwise_sigma, use_compiled_kernels
 from .normalizers import Normalizer, Softmax, build_normalizer
 
 
@@ -41,13 +54,33 @@ class AttentionInputs:
     dropout_p: float
     scale: float
 
+    @property
+    def needs_grad(self) -> bool:
+        """Whether autograd will need gradients of this call (q, k, v, bias or parameters)."""
+        if not torch.is_grad_enabled():
+            return False
+        tensors = (self.q, self.k, self.v, self.bias, *self.normalizer.parameters())
+        return any(t is not None and t.requires_grad for t in tensors)
+
+    @property
+    def num_scores(self) -> int:
+        """Entries of the (B, H, N, M) score tensor."""
+        return self.q[..., 0, 0].numel() * self.q.shape[-2] * self.k.shape[-2]
+
 
 @dataclass(frozen=True)
 class AttentionPath:
+    """``can_run``: whether the path is correct here (forcing it is allowed); ``auto``:
+    whether ``impl="auto"`` should take it (defaults to ``can_run``)."""
+
     name: str
     can_run: Callable[[AttentionInputs], bool]
     run: Callable[[AttentionInputs], Tensor]
     description: str = ""
+    auto: Callable[[AttentionInputs], bool] | None = None
+
+    def auto_ok(self, inputs: AttentionInputs) -> bool:
+        return self.can_run(inputs) and (self.auto is None or self.auto(inputs))
 
 
 ATTENTION_PATHS: dict[str, AttentionPath] = {}
@@ -133,12 +166,107 @@ def _sdpa(inputs: AttentionInputs) -> Tensor:
     return out
 
 
+def _flex_can_run(inputs: AttentionInputs) -> bool:
+    return flex_can_run(inputs.q, inputs.normalizer, inputs.dropout_p, inputs.needs_grad)[0]
+
+
+def _flex(inputs: AttentionInputs) -> Tensor:
+    return flex_sigma_attention(
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        inputs.normalizer,
+        keep=inputs.keep,
+        bias=inputs.bias,
+        is_causal=inputs.is_causal,
+        scale=inputs.scale,
+    )
+
+
+def _pointwise(inputs: AttentionInputs) -> bool:
+    return pointwise_sigma(inputs.normalizer) is not None
+
+
+def _fused(inputs: AttentionInputs) -> Tensor:
+    return fused_attention(
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        inputs.normalizer,
+        keep=combined_keep(inputs),
+        bias=inputs.bias,
+        dropout_p=inputs.dropout_p,
+        scale=inputs.scale,
+    )
+
+
+def _compiled_kernels(inputs: AttentionInputs) -> bool:
+    return use_compiled_kernels(inputs.num_scores)
+
+
+register_attention_path(
+    AttentionPath(
+        "flex",
+        _flex_can_run,
+        _flex,
+        "FlexAttention, σ as score_mod (CUDA; CPU forward only), no dropout",
+        auto=lambda inputs: inputs.q.is_cuda,
+    )
+)
 register_attention_path(
     AttentionPath("sdpa", _sdpa_can_run, _sdpa, "torch SDPA (fixed-temperature softmax)")
 )
 register_attention_path(
+    AttentionPath(
+        "inference",
+        lambda inputs: _pointwise(inputs) and not inputs.needs_grad,
+        _fused,
+        "σ fused into softmax, nothing saved (no gradients; point-wise σ)",
+        auto=_compiled_kernels,
+    )
+)
+register_attention_path(
+    AttentionPath(
+        "fused",
+        _pointwise,
+        _fused,
+        "fused σ + softmax with its own backward (point-wise σ)",
+        auto=_compiled_kernels,
+    )
+)
+register_attention_path(
     AttentionPath("reference", lambda inputs: True, _reference, "explicit weights, any normaliser")
 )
+
+_forced = threading.local()
+
+
+@contextmanager
+def use_attention_impl(impl: str) -> Iterator[None]:
+    """Make ``impl="auto"`` calls inside the block use ``impl`` (``"auto"`` restores the
+    automatic choice). Explicit ``impl=`` arguments are left alone.
+
+    >>> with use_attention_impl("reference"):
+    ...     model(x)
+    """
+    if impl != "auto" and impl not in ATTENTION_PATHS:
+        raise ValueError(
+            f"unknown attention impl {impl!r}; valid: auto, {', '.join(ATTENTION_PATHS)}"
+        )
+    previous = getattr(_forced, "impl", "auto")
+    _forced.impl = impl
+    try:
+        yield
+    finally:
+        _forced.impl = previous
+
+
+def select_path(inputs: AttentionInputs) -> str:
+    """The name of the path ``impl="auto"`` takes for these inputs."""
+    for name, path in ATTENTION_PATHS.items():
+        if path.auto_ok(inputs):
+            return name
+    raise RuntimeError("no attention path can run these inputs")  # reference always can
 
 
 _recording = threading.local()
@@ -195,10 +323,9 @@ def attention(
             weights = F.dropout(weights, dropout_p, training=True)
         return torch.matmul(weights.to(v.dtype), v)
     if impl == "auto":
-        for path in ATTENTION_PATHS.values():
-            if path.can_run(inputs):
-                return path.run(inputs)
-        raise RuntimeError("no attention path can run these inputs")  # reference always can
+        impl = getattr(_forced, "impl", "auto")
+    if impl == "auto":
+        return ATTENTION_PATHS[select_path(inputs)].run(inputs)
     if impl not in ATTENTION_PATHS:
         raise ValueError(
             f"unknown attention impl {impl!r}; valid: auto, {', '.join(ATTENTION_PATHS)}"

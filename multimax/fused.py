@@ -1,0 +1,367 @@
+"""Fused σ + softmax attention: one autograd Function that keeps what eager softmax keeps.
+
+For scores R = q·kᵀ, x = R · scale, H = σ(x) + bias (masked entries −∞):
+
+    P = exp(H − m) / s,  O = P · v   (m: row max, s: row sum of exp(H − m))   (forward)
+    dP = dO · vᵀ,  δ = rowsum(P ⊙ dP),  dH = P ⊙ (dP − δ)               (backward)
+    dR = scale · σ'(x) ⊙ dH,  dq = dR · k,  dk = dRᵀ · q,  dv = Pᵀ · dO
+    dθ = Σ dH ⊙ ∂σ/∂θ(x)       (θ: σ's parameters, e.g. MultiMax's a_k, b_k, c_k, d_k)
+
+The forward saves R (one N×M tensor, as eager attention saves its P) and the rows' m and s;
+the backward recomputes σ, σ' and P from them point-wise (bit for bit as in the forward), so the
+peak is three N×M tensors, as in eager softmax attention. The point-wise work (σ, masking,
+softmax; σ', dH and the parameter sums) lives in small kernel functions; they run through
+``torch.compile`` (one fused loop each, dynamic shapes) when :func:`use_compiled_kernels`
+says so, else as plain PyTorch (same math, slower). Matrix products stay in eager BLAS.
+
+A normaliser is fused when its mapping is softmax and its transform is point-wise with a
+registered :class:`PointwiseSigma` (MultiMax, softmax with a fixed or learned temperature);
+:func:`register_pointwise_sigma` adds more.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .modulation import MultiMax
+from .normalizers import Normalizer, Softmax
+
+# --- point-wise σ specifications ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PointwiseSigma:
+    """σ as pure tensor functions of the scores x and its parameter tensors.
+
+    ``forward(x, *params) -> σ(x)``; ``backward(x, dh, *params) -> (dx, dparams)`` with
+    ``dx = dh ⊙ σ'(x)`` and ``dparams`` a 1-D tensor of the parameter gradients, flattened in
+    the order of ``params`` (summed over every entry of ``dh``). ``key`` names the kernel for
+    caching compiled versions.
+    """
+
+    key: str
+    forward: Callable[..., Tensor]
+    backward: Callable[..., tuple[Tensor, Tensor]]
+    params: Callable[[Normalizer], tuple[Tensor, ...]]
+
+
+def _multimax_sigma(order: int) -> PointwiseSigma:
+    def forward(x: Tensor, low_t: Tensor, high_t: Tensor, low_c: Tensor, high_c: Tensor):
+        out = x
+        for k in range(order):
+            low = torch.relu(low_t[k] - x)
+            high = torch.relu(x - high_t[k])
+            if k > 0:
+                low, high = low.pow(k + 1), high.pow(k + 1)
+            out = out + low_c[k] * low + high_c[k] * high
+        return out
+
+    def backward(x: Tensor, dh: Tensor, low_t: Tensor, high_t: Tensor, lc: Tensor, hc: Tensor):
+        slope = torch.ones_like(x)
+        g_lt, g_ht, g_lc, g_hc = [], [], [], []
+        for k in range(order):
+            low = torch.relu(low_t[k] - x)
+            high = torch.relu(x - high_t[k])
+            if k == 0:
+                # relu'(0) = 0, as autograd has it: the step is strict.
+                d_low = (x < low_t[k]).to(x.dtype)
+                d_high = (x > high_t[k]).to(x.dtype)
+                p_low, p_high = low, high
+            else:
+                d_low = (k + 1) * low.pow(k)
+                d_high = (k + 1) * high.pow(k)
+                p_low, p_high = low.pow(k + 1), high.pow(k + 1)
+            slope = slope - lc[k] * d_low + hc[k] * d_high
+            g_lt.append(lc[k] * (dh * d_low).sum())
+            g_ht.append(-hc[k] * (dh * d_high).sum())
+            g_lc.append((dh * p_low).sum())
+            g_hc.append((dh * p_high).sum())
+        return dh * slope, torch.stack(g_lt + g_ht + g_lc + g_hc)
+
+    def params(n: Normalizer) -> tuple[Tensor, ...]:
+        assert isinstance(n, MultiMax)
+        return n.sigma_parameters()
+
+    return PointwiseSigma(f"multimax{order}", forward, backward, params)
+
+
+def _temperature_forward(x: Tensor, log_t: Tensor) -> Tensor:
+    return x / log_t.exp()
+
+
+def _temperature_backward(x: Tensor, dh: Tensor, log_t: Tensor) -> tuple[Tensor, Tensor]:
+    inv_t = (-log_t).exp()
+    dx = dh * inv_t
+    return dx, (-(dx * x).sum()).reshape(1)
+
+
+TEMPERATURE_SIGMA = PointwiseSigma(
+    "temperature",
+    _temperature_forward,
+    _temperature_backward,
+    lambda n: (n.log_temperature,),  # type: ignore[attr-defined]
+)
+IDENTITY_SIGMA = PointwiseSigma(
+    "identity", lambda x: x, lambda x, dh: (dh, dh.new_zeros(0)), lambda n: ()
+)
+
+_SIGMA_FACTORIES: dict[type, Callable[[Normalizer], PointwiseSigma]] = {}
+
+
+def register_pointwise_sigma(cls: type, factory: Callable[[Normalizer], PointwiseSigma]) -> None:
+    """Let normalisers of class ``cls`` (mapping softmax) use the fused paths."""
+    _SIGMA_FACTORIES[cls] = factory
+
+
+_MULTIMAX_SIGMAS = {order: _multimax_sigma(order) for order in (1, 2)}
+register_pointwise_sigma(MultiMax, lambda n: _MULTIMAX_SIGMAS[n.order])  # type: ignore[attr-defined]
+register_pointwise_sigma(
+    Softmax,
+    lambda n: IDENTITY_SIGMA if n.is_plain_softmax else TEMPERATURE_SIGMA,
+)
+
+
+def pointwise_sigma(normalizer: Normalizer) -> PointwiseSigma | None:
+    """The fused-kernel spec for ``normalizer``, or None when it has to take the reference."""
+    if normalizer.mapping != "softmax":
+        return None
+    factory = _SIGMA_FACTORIES.get(type(normalizer))
+    return None if factory is None else factory(normalizer)
+
+
+# --- point-wise kernels ------------------------------------------------------------------
+# Pure functions of tensors (plus the σ spec): compiled as a whole by torch.compile.
+
+
+def _scores(sigma, raw, scale, keep, bias, params):
+    h = sigma.forward(raw.float() * scale, *params)
+    if bias is not None:
+        h = h + bias
+    if keep is not None:
+        h = h.masked_fill(~keep, float("-inf"))
+    return h
+
+
+def _probs_kernel(sigma, raw, scale, keep, bias, params):
+    """P = softmax(H) (zeros for masked entries and empty rows), the row max m and the row
+    sum s of exp(H − m) (1 on empty rows): P = exp(H − m) / s is recomputed bit for bit."""
+    h = _scores(sigma, raw, scale, keep, bias, params)
+    m = h.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    e = torch.exp(h - m)
+    s = e.sum(-1, keepdim=True)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return e / s, m, s
+
+
+def _inference_kernel(sigma, raw, scale, keep, bias, params):
+    return _probs_kernel(sigma, raw, scale, keep, bias, params)[0]
+
+
+def _recompute_probs_kernel(sigma, raw, scale, keep, bias, m, s, drop, keep_prob, params):
+    """P (with dropout applied: P ⊙ M / (1 − p)) from the saved scores, m and s."""
+    p = torch.exp(_scores(sigma, raw, scale, keep, bias, params) - m) / s
+    if drop is not None:
+        p = p * drop / keep_prob
+    return p
+
+
+def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, params):
+    """(dR, dH, dθ): dR = scale · σ'(x) ⊙ dH; dH is returned for an additive-mask gradient."""
+    x = raw.float() * scale
+    h = sigma.forward(x, *params)
+    if bias is not None:
+        h = h + bias
+    if keep is not None:
+        h = h.masked_fill(~keep, float("-inf"))
+    p = torch.exp(h - m) / s
+    if drop is not None:
+        dp = dp * drop / keep_prob
+    dp = dp.float()
+    # δ = rowsum(P ⊙ dP), as softmax's own backward has it (rowsum(dO ⊙ O) is equal in exact
+    # arithmetic but cancels badly when σ steepens the scores).
+    dh = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dx, dparams = sigma.backward(x, dh, *params)
+    return dx * scale, dh, dparams
+
+
+_KERNELS = {
+    "probs": _probs_kernel,
+    "inference": _inference_kernel,
+    "recompute": _recompute_probs_kernel,
+    "grad": _grad_kernel,
+}
+_COMPILED: dict[tuple[str, str], Callable] = {}
+
+# Score tensors at least this large use compiled kernels under the "auto" policy: below it
+# the (one-off, cached) compile costs more than it saves.
+COMPILE_MIN_SCORES = 1 << 20
+
+
+def _env_compile_policy() -> str:
+    value = os.environ.get("MULTIMAX_COMPILE", "auto").strip().lower()
+    if value in ("1", "true", "yes", "on", "always"):
+        return "always"
+    if value in ("0", "false", "no", "off", "never"):
+        return "never"
+    return "auto"
+
+
+_compile_policy = _env_compile_policy()
+
+
+def set_compile_policy(policy: str) -> str:
+    """``"auto"`` (compile for score tensors ≥ COMPILE_MIN_SCORES), ``"always"`` or
+    ``"never"``; returns the previous policy. The env var ``MULTIMAX_COMPILE`` sets the
+    default (1/0/auto)."""
+    global _compile_policy
+    if policy not in ("auto", "always", "never"):
+        raise ValueError(f"compile policy must be auto, always or never, got {policy!r}")
+    previous, _compile_policy = _compile_policy, policy
+    return previous
+
+
+def compile_available() -> bool:
+    """torch.compile can build kernels here (and we are not already inside a compile)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return False
+    return hasattr(torch, "compile")
+
+
+def use_compiled_kernels(num_scores: int) -> bool:
+    """Whether kernels for a score tensor of ``num_scores`` entries run compiled."""
+    if _compile_policy == "never" or not compile_available():
+        return False
+    return _compile_policy == "always" or num_scores >= COMPILE_MIN_SCORES
+
+
+def _kernel(name: str, sigma: PointwiseSigma, compiled: bool) -> Callable:
+    fn = _KERNELS[name]
+    if not compiled:
+        return lambda *args: fn(sigma, *args)
+    key = (name, sigma.key)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(
+            lambda *args, _fn=fn, _sigma=sigma: _fn(_sigma, *args), dynamic=True, fullgraph=True
+        )
+    return _COMPILED[key]
+
+
+# --- the autograd Function ---------------------------------------------------------------
+
+
+def _sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    lead = t.dim() - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+class FusedSigmaSoftmaxAttention(torch.autograd.Function):
+    """softmax(σ(q·kᵀ·scale) + bias, masked) · v with a hand-written, memory-lean backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, bias, dropout_p, scale, sigma, compiled, *params):
+        raw = torch.matmul(q, k.transpose(-2, -1))
+        p, m, s = _kernel("probs", sigma, compiled)(raw, scale, keep, bias, params)
+        drop = None
+        if dropout_p > 0:
+            drop = torch.rand(p.shape, device=p.device) >= dropout_p
+            p = p * drop / (1.0 - dropout_p)
+        out = torch.matmul(p.to(v.dtype), v)
+        del p
+        ctx.save_for_backward(q, k, v, keep, bias, raw, m, s, drop, *params)
+        ctx.meta = (dropout_p, scale, sigma, compiled)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, keep, bias, raw, m, s, drop, *params = ctx.saved_tensors
+        dropout_p, scale, sigma, compiled = ctx.meta
+        keep_prob = 1.0 - dropout_p
+        d_out = d_out.contiguous()
+        dp = torch.matmul(d_out, v.transpose(-2, -1))
+        d_raw, d_h, d_params = _kernel("grad", sigma, compiled)(
+            raw, scale, keep, bias, m, s, dp, drop, keep_prob, params
+        )
+        del dp
+        dv = None
+        if ctx.needs_input_grad[2]:
+            p = _kernel("recompute", sigma, compiled)(
+                raw, scale, keep, bias, m, s, drop, keep_prob, params
+            )
+            dv = torch.matmul(p.to(d_out.dtype).transpose(-2, -1), d_out)
+            del p
+        d_raw = d_raw.to(q.dtype)
+        dq = torch.matmul(d_raw, k) if ctx.needs_input_grad[0] else None
+        dk = torch.matmul(d_raw.transpose(-2, -1), q) if ctx.needs_input_grad[1] else None
+        d_bias = None
+        if bias is not None and ctx.needs_input_grad[4]:
+            d_bias = _sum_to(d_h, bias.shape).to(bias.dtype)
+        grads, offset = [], 0
+        for param in params:
+            n = param.numel()
+            grads.append(d_params[offset : offset + n].reshape(param.shape).to(param.dtype))
+            offset += n
+        return (dq, dk, dv, None, d_bias, None, None, None, None, *grads)
+
+
+def fused_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    normalizer: Normalizer,
+    keep: Tensor | None = None,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float = 1.0,
+    compiled: bool | None = None,
+) -> Tensor:
+    """Attention through the fused Function (training) or the inference kernel (no grad).
+
+    ``keep``: bool, True = keep (causal already folded in); ``bias``: float, added after σ.
+    ``compiled=None`` follows :func:`use_compiled_kernels`.
+    """
+    sigma = pointwise_sigma(normalizer)
+    if sigma is None:
+        raise ValueError(f"{type(normalizer).__name__} has no point-wise σ kernel")
+    params = tuple(sigma.params(normalizer))
+    num_scores = q.shape[-2] * k.shape[-2] * max(1, q[..., 0, 0].numel())
+    if compiled is None:
+        compiled = use_compiled_kernels(num_scores)
+    if bias is not None:
+        bias = bias.float() if bias.dtype != torch.float32 else bias
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, bias, *params)
+    )
+    if not needs_grad:
+        raw = torch.matmul(q, k.transpose(-2, -1))
+        p = _kernel("inference", sigma, compiled)(raw, scale, keep, bias, params)
+        del raw
+        if dropout_p > 0:
+            p = torch.nn.functional.dropout(p, dropout_p, training=True)
+        return torch.matmul(p.to(v.dtype), v)
+    return FusedSigmaSoftmaxAttention.apply(
+        q, k, v, keep, bias, dropout_p, scale, sigma, compiled, *params
+    )
+
+
+__all__ = [
+    "COMPILE_MIN_SCORES",
+    "FusedSigmaSoftmaxAttention",
+    "PointwiseSigma",
+    "compile_available",
+    "fused_attention",
+    "pointwise_sigma",
+    "register_pointwise_sigma",
+    "set_compile_policy",
+    "use_compiled_kernels",
+]

@@ -1,0 +1,330 @@
+"""Fast attention paths (fused, inference, flex) equal the reference: outputs, and gradients
+of q, k, v, the σ parameters and an additive mask, with masks, causality and empty rows."""
+
+import math
+
+import pytest
+import torch
+
+import multimax
+from multimax import attention, build_normalizer
+from multimax.attention import (
+    ATTENTION_PATHS,
+    AttentionInputs,
+    select_path,
+    split_mask,
+    use_attention_impl,
+)
+from multimax.flex import FLEX_AVAILABLE, flex_sigma_attention
+from multimax.fused import fused_attention, set_compile_policy
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+needs_flex = pytest.mark.skipif(not FLEX_AVAILABLE, reason="torch has no FlexAttention")
+
+
+def strong(name: str, **options):
+    """A normaliser far from softmax: big σ parameters, a negative high coefficient."""
+    n = build_normalizer(name, **options)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in n.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+        if name == "multimax":
+            n.high_coef[0] = -0.8  # slope 0.2 above d_1: may reorder scores
+    return n
+
+
+NORMALIZERS = {
+    "multimax2": lambda: strong("multimax", order=2),
+    "multimax1": lambda: strong("multimax", order=1),
+    "softmax_T0.5": lambda: build_normalizer("softmax", temperature=0.5),
+    "softmax_learned": lambda: strong("softmax", temperature=2.0, learn_temperature=True),
+}
+
+
+def inputs(b=2, h=3, n=9, m=None, d=8, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    m = n if m is None else m
+    return [
+        (torch.randn(b, h, length, d, generator=g) * 2).to(device).requires_grad_()
+        for length in (n, m, m)
+    ]
+
+
+def masks(b, n, m):
+    """name -> (mask, is_causal); includes rows with every key masked."""
+    keep = torch.rand(b, 1, n, m, generator=torch.Generator().manual_seed(2)) > 0.35
+    keep[0, 0, 1] = False  # an empty row
+    bias = torch.randn(b, 1, n, m, generator=torch.Generator().manual_seed(3))
+    bias = bias.masked_fill(~keep, float("-inf"))
+    padding = (torch.arange(m)[None, :] < torch.tensor([m, m // 2])[:, None])[:, None, None]
+    return {
+        "none": (None, False),
+        "bool": (keep, False),
+        "additive": (bias, False),
+        "causal": (None, True),
+        "causal+padding": (padding, True),
+    }
+
+
+def run_with_grads(fn, q, k, v, normalizer, bias_param=None):
+    for t in (q, k, v, *normalizer.parameters()):
+        t.grad = None
+    out = fn()
+    weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    (out * weights.to(out.device)).sum().backward()
+    grads = [t.grad for t in (q, k, v, *normalizer.parameters())]
+    if bias_param is not None:
+        grads.append(bias_param.grad)
+        bias_param.grad = None
+    return out.detach(), grads
+
+
+def assert_same(fast, ref, tol=1e-5):
+    out_f, grads_f = fast
+    out_r, grads_r = ref
+    torch.testing.assert_close(out_f, out_r, atol=tol, rtol=tol)
+    assert len(grads_f) == len(grads_r)
+    for gf, gr in zip(grads_f, grads_r, strict=True):
+        assert (gf is None) == (gr is None)
+        if gr is not None:
+            torch.testing.assert_close(gf, gr, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("norm", list(NORMALIZERS))
+@pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal", "causal+padding"])
+def test_fused_equals_reference(norm, mask_name):
+    normalizer = NORMALIZERS[norm]()
+    q, k, v = inputs(n=7, m=11 if mask_name != "causal+padding" else 7)
+    mask, causal = masks(2, q.shape[2], k.shape[2])[mask_name]
+    ref = run_with_grads(
+        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="reference"),
+        q,
+        k,
+        v,
+        normalizer,
+    )
+    fast = run_with_grads(
+        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="fused"),
+        q,
+        k,
+        v,
+        normalizer,
+    )
+    assert_same(fast, ref)
+    if mask_name == "bool":  # the empty row outputs zeros and passes no gradient
+        assert fast[0][0, 0, 1].abs().max() == 0
+
+
+def test_fused_gradient_of_a_learned_additive_bias():
+    normalizer = NORMALIZERS["multimax2"]()
+    q, k, v = inputs(n=6)
+    bias = torch.randn(1, 3, 6, 6, requires_grad=True)
+    ref = run_with_grads(
+        lambda: attention(q, k, v, normalizer, mask=bias, impl="reference"),
+        q,
+        k,
+        v,
+        normalizer,
+        bias,
+    )
+    fast = run_with_grads(
+        lambda: attention(q, k, v, normalizer, mask=bias, impl="fused"), q, k, v, normalizer, bias
+    )
+    assert_same(fast, ref)
+
+
+@pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal"])
+def test_inference_path_equals_reference_without_grad(mask_name):
+    normalizer = NORMALIZERS["multimax2"]()
+    q, k, v = inputs(n=7)
+    mask, causal = masks(2, 7, 7)[mask_name]
+    with torch.no_grad():
+        ref = attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="reference")
+        fast = attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="inference")
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_path_refuses_when_gradients_are_needed():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="paths that can: .*fused.*reference"):
+        attention(q, k, v, NORMALIZERS["multimax2"](), impl="inference")
+
+
+def _saved_sizes(fn):
+    """Sizes of the distinct tensors autograd keeps for backward."""
+    sizes = {}
+
+    def pack(t):
+        sizes[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return list(sizes.values())
+
+
+def test_fused_saves_no_more_score_tensors_than_eager_softmax():
+    q, k, v = inputs(n=16, d=4)
+    scores = 2 * 3 * 16 * 16
+    eager = _saved_sizes(lambda: torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1) @ v)
+    fused = _saved_sizes(lambda: attention(q, k, v, NORMALIZERS["multimax2"](), impl="fused"))
+    reference = _saved_sizes(
+        lambda: attention(q, k, v, NORMALIZERS["multimax2"](), impl="reference")
+    )
+    count = lambda sizes: sum(s == scores for s in sizes)  # noqa: E731
+    assert count(fused) <= count(eager) == 1
+    assert count(reference) > count(eager)
+
+
+def test_fused_dropout_matches_an_explicit_computation_with_the_same_mask():
+    normalizer = NORMALIZERS["multimax2"]()
+    q, k, v = inputs(n=6)
+    torch.manual_seed(5)
+    out = attention(q, k, v, normalizer, dropout_p=0.3, impl="fused")
+    out.sum().backward()
+    fused_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch.manual_seed(5)
+    p = multimax.attention_with_weights(q, k, v, normalizer)[1]
+    keep = torch.rand(p.shape) >= 0.3
+    explicit = (p * keep / 0.7) @ v
+    explicit.sum().backward()
+    torch.testing.assert_close(out, explicit, atol=1e-5, rtol=1e-5)
+    for got, want in zip(fused_grads, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_selection_by_normaliser_grad_mode_and_size():
+    q, k, v = inputs()
+    small = AttentionInputs(q, k, v, NORMALIZERS["multimax2"](), None, None, False, 0.0, 0.3)
+    assert select_path(small) == "reference"  # tiny: compiling would cost more than it saves
+    softmax = AttentionInputs(q, k, v, build_normalizer("softmax"), None, None, False, 0.0, 0.3)
+    assert select_path(softmax) == "sdpa"
+    sparse = AttentionInputs(q, k, v, build_normalizer("sparsemax"), None, None, False, 0.0, 0.3)
+    previous = set_compile_policy("always")
+    try:
+        assert select_path(small) == "fused"
+        with torch.no_grad():
+            assert select_path(small) == "inference"
+        assert select_path(sparse) == "reference"
+        assert select_path(softmax) == "sdpa"
+    finally:
+        set_compile_policy(previous)
+
+
+def test_forcing_a_path_that_cannot_run_names_those_that_can():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match=r"'fused'.*paths that can: reference"):
+        attention(q, k, v, "sparsemax", impl="fused")
+    if not CUDA:
+        with pytest.raises(ValueError, match=r"'flex'.*paths that can: fused, reference"):
+            attention(q, k, v, NORMALIZERS["multimax2"](), impl="flex")
+    with pytest.raises(ValueError, match="valid: auto, flex"):
+        attention(q, k, v, "softmax", impl="triton")
+
+
+def test_use_attention_impl_overrides_auto_only():
+    q, k, v = inputs()
+    normalizer = NORMALIZERS["multimax2"]()
+    with use_attention_impl("fused"):
+        fused = attention(q, k, v, normalizer)
+        assert fused.grad_fn.name().endswith("FusedSigmaSoftmaxAttentionBackward")
+        ref = attention(q, k, v, normalizer, impl="reference")
+        assert "Fused" not in ref.grad_fn.name()
+    assert "Fused" not in attention(q, k, v, normalizer).grad_fn.name()
+    with pytest.raises(ValueError, match="unknown attention impl"), use_attention_impl("nope"):
+        pass
+
+
+def test_paths_are_registered_in_auto_order():
+    assert list(ATTENTION_PATHS) == ["flex", "sdpa", "inference", "fused", "reference"]
+
+
+def test_compiled_kernels_equal_reference():
+    """One configuration through torch.compile'd kernels (forward, backward, inference)."""
+    normalizer = NORMALIZERS["multimax2"]()
+    q, k, v = inputs(n=7, m=9)
+    mask, _ = masks(2, 7, 9)["additive"]
+    keep, bias = split_mask(mask, torch.float32)
+    ref = run_with_grads(
+        lambda: attention(q, k, v, normalizer, mask=mask, impl="reference"), q, k, v, normalizer
+    )
+    fast = run_with_grads(
+        lambda: fused_attention(
+            q, k, v, normalizer, keep, bias, scale=1 / math.sqrt(8), compiled=True
+        ),
+        q,
+        k,
+        v,
+        normalizer,
+    )
+    assert_same(fast, ref)
+
+
+# --- FlexAttention -------------------------------------------------------------------------
+
+
+@needs_flex
+@pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal", "causal+padding"])
+def test_flex_forward_equals_reference_on_this_device(mask_name):
+    normalizer = NORMALIZERS["multimax2"]()
+    q, k, v = inputs(n=9)
+    mask, causal = masks(2, 9, 9)[mask_name]
+    with torch.no_grad():
+        ref = attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="reference")
+        fast = attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="flex")
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_flex
+def test_flex_with_more_keys_than_queries_aligns_causal_to_the_end():
+    q, k, v = inputs(n=5, m=9)
+    normalizer = NORMALIZERS["softmax_T0.5"]()
+    with torch.no_grad():
+        ref = attention(q, k, v, normalizer, is_causal=True, impl="reference")
+        fast = flex_sigma_attention(q, k, v, normalizer, is_causal=True, scale=1 / math.sqrt(8))
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+@needs_flex
+@pytest.mark.parametrize("norm", ["multimax2", "multimax1", "softmax_learned"])
+@pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal", "causal+padding"])
+def test_flex_gradients_equal_reference_on_cuda(norm, mask_name):
+    normalizer = NORMALIZERS[norm]().cuda()
+    q, k, v = inputs(n=40, d=16, device="cuda")
+    mask, causal = masks(2, 40, 40)[mask_name]
+    mask = None if mask is None else mask.cuda()
+    ref = run_with_grads(
+        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="reference"),
+        q,
+        k,
+        v,
+        normalizer,
+    )
+    fast = run_with_grads(
+        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="flex"),
+        q,
+        k,
+        v,
+        normalizer,
+    )
+    assert_same(fast, ref, tol=1e-4)  # TF32-free fp32, but blockwise sums reorder
+
+
+@needs_cuda
+def test_auto_takes_flex_on_cuda_and_fused_kernels_compile_there():
+    normalizer = NORMALIZERS["multimax2"]().cuda()
+    q, k, v = inputs(n=40, d=16, device="cuda")
+    probe = AttentionInputs(q, k, v, normalizer, None, None, False, 0.0, 0.25)
+    assert select_path(probe) == ("flex" if FLEX_AVAILABLE else "reference")
+    ref = run_with_grads(
+        lambda: attention(q, k, v, normalizer, impl="reference"), q, k, v, normalizer
+    )
+    fast = run_with_grads(
+        lambda: fused_attention(q, k, v, normalizer, scale=0.25, compiled=True), q, k, v, normalizer
+    )
+    assert_same(fast, ref, tol=1e-4)
