@@ -115,7 +115,10 @@ def train(cfg: DictConfig) -> dict:
 
     k = min(cfg.eval.examples_to_save, len(eval_data))
     with torch.no_grad():
-        raw_scores = model.scores(eval_data.query[:k], eval_data.items[:k])
+        # Raw scores (before the normaliser's transform) of held-out examples, for σ plots.
+        sample = eval_data.slice(0, cfg.eval.score_examples)
+        scores = model.scores(sample.query, sample.items)  # (B, H, N)
+    relevant = sample.relevant[:, None, :].expand_as(scores)
     inspect = {
         "normalizer": label,
         "num_items": task.num_items,
@@ -123,7 +126,9 @@ def train(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "relevant": eval_data.relevant[:k].tolist(),
         "attention": rows[:k].tolist(),  # (k, H, N)
-        "scores": raw_scores.tolist(),  # (k, H, N), before the normaliser's transform
+        "scores": scores[:k].tolist(),  # (k, H, N)
+        "relevant_scores": scores[relevant].tolist(),
+        "distractor_scores": scores[~relevant][: 20 * int(relevant.sum())].tolist(),
         "normalizer_parameters": learned,
     }
     runtime.atomic_write_text(run_dir / "inspect.json", json.dumps(inspect) + "\n")
@@ -133,7 +138,7 @@ def train(cfg: DictConfig) -> dict:
             task=cfg.task,
             dataset=cfg.data.name,
             model=cfg.model.name,
-            normalizer=label,
+            normalizer=name,
             output_normalizer=runtime.normalizer_options(cfg, "output")[0],
             seed=cfg.seed,
             metric_name="task_error",
