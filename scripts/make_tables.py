@@ -58,7 +58,13 @@ class TableSpec:
 
 
 TABLES: tuple[TableSpec, ...] = (
-    TableSpec("mechanism", "Mechanism study", "metric", ("mechanism",)),
+    TableSpec(
+        "mechanism",
+        "Mechanism study",
+        "held-out task error",
+        ("mechanism",),
+        higher_is_better=False,
+    ),
     TableSpec("wmt_bleu", "WMT En→De", "BLEU", ("wmt",)),
     TableSpec("iwslt14_bleu", "IWSLT'14 De→En", "BLEU", ("iwslt", "translation")),
     TableSpec(
