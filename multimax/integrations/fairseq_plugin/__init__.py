@@ -1,0 +1,49 @@
+"""fairseq plugin: ``--user-dir multimax/integrations/fairseq_plugin``.
+
+Registers with fairseq's own registries
+
+- models ``multimax_transformer`` and ``multimax_transformer_lm``, and each of fairseq's
+  ``transformer`` / ``transformer_lm`` architectures with a ``multimax_`` prefix
+  (``multimax_transformer_iwslt_de_en``, ``multimax_transformer_wmt_en_de``,
+  ``multimax_transformer_lm_wiki103``, ...), taking ``--attn-normalizer``,
+  ``--output-normalizer``, ``--multimax-order``, ``--softmax-temperature``,
+  ``--learn-temperature`` and ``--attention-impl`` (``options.py``);
+- the criterion ``multimax_label_smoothed_cross_entropy`` (``criterion.py``);
+
+and allow-lists the types fairseq checkpoints hold for ``torch.load(weights_only=True)``
+(``checkpoints.py``). fairseq's own models are left as they are.
+
+fairseq imports a user dir under its folder name (``fairseq_plugin``); the work is done in
+the submodules, always imported under their full names, so importing the plugin both ways
+(``--user-dir`` and ``import multimax.integrations.fairseq_plugin``) registers everything once.
+"""
+
+from multimax.integrations.fairseq_plugin.checkpoints import (
+    allow_fairseq_checkpoints,
+    load_fairseq_checkpoint,
+)
+from multimax.integrations.fairseq_plugin.criterion import (
+    MultimaxLabelSmoothedCrossEntropyCriterion,
+)
+from multimax.integrations.fairseq_plugin.models import (
+    ARCHITECTURES,
+    MultimaxTransformerLanguageModel,
+    MultimaxTransformerModel,
+)
+from multimax.integrations.fairseq_plugin.options import MultimaxOptions, normalizer_cli_args
+
+allow_fairseq_checkpoints()
+
+USER_DIR = __path__[0]  # the folder to pass as fairseq's --user-dir
+
+__all__ = [
+    "ARCHITECTURES",
+    "USER_DIR",
+    "MultimaxLabelSmoothedCrossEntropyCriterion",
+    "MultimaxOptions",
+    "MultimaxTransformerLanguageModel",
+    "MultimaxTransformerModel",
+    "allow_fairseq_checkpoints",
+    "load_fairseq_checkpoint",
+    "normalizer_cli_args",
+]

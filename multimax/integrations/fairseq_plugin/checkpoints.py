@@ -1,0 +1,43 @@
+"""Loading fairseq checkpoints under torch's ``weights_only=True`` default.
+
+fairseq-fixed 0.12.3.1 calls ``torch.load(f, map_location="cpu")`` in
+``checkpoint_utils.load_checkpoint_to_cpu``; since torch 2.6 that means ``weights_only=True``,
+which refuses the ``argparse.Namespace`` a legacy (argparse) model such as ``transformer`` or
+``multimax_transformer`` keeps in ``cfg.model``. Instead of turning the safety off, the types
+fairseq's own checkpoints hold are added to torch's allow-list, once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+
+def fairseq_checkpoint_globals() -> list:
+    """The non-tensor types a fairseq checkpoint may hold: the legacy model ``Namespace`` and
+    NumPy scalars (a best score or a meter value stored as ``np.float64``)."""
+    types: list = [argparse.Namespace, np.dtype]
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed np.core to np._core
+    types.append(core.multiarray.scalar)
+    types.extend(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_))
+    return types
+
+
+def allow_fairseq_checkpoints() -> None:
+    """Allow-list :func:`fairseq_checkpoint_globals` for ``torch.load(weights_only=True)``.
+
+    Idempotent. Called when the plugin is imported, so ``fairseq-generate`` / ``fairseq-eval-lm``
+    / ``fairseq-train`` resume with ``--user-dir`` load checkpoints without ``weights_only=False``.
+    """
+    torch.serialization.add_safe_globals(fairseq_checkpoint_globals())
+
+
+def load_fairseq_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load`` of a fairseq checkpoint with ``weights_only=True`` and the allow-list."""
+    allow_fairseq_checkpoints()
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+__all__ = ["allow_fairseq_checkpoints", "fairseq_checkpoint_globals", "load_fairseq_checkpoint"]
