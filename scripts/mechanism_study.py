@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -111,6 +112,7 @@ def run_grid(root: Path, overrides: list[str], jobs: int) -> None:
                 f"elapsed {elapsed:.0f}s, ETA {eta:.0f}s",
                 flush=True,
             )
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     meta = {
         "overrides": overrides,
         "normalizers": entries,
@@ -120,7 +122,10 @@ def run_grid(root: Path, overrides: list[str], jobs: int) -> None:
         "eval_num_items": list(cfg.eval.num_items),
         "jobs": jobs,
         "wall_seconds": round(time.perf_counter() - start, 1),
+        # CPU time of all runs: wall time on idle cores ≈ cpu_seconds / cores (load-free size).
+        "cpu_seconds": round(cpu.ru_utime + cpu.ru_stime, 1),
         "cpu_count": os.cpu_count(),
+        "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
     }
     (root / "study.json").write_text(json.dumps(meta, indent=2) + "\n")
 
