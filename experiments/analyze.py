@@ -270,12 +270,22 @@ class AnalysedRun:
     std: Sequence[float] = (0.5, 0.5, 0.5)
 
 
-def _load_vision(run_dir: Path) -> AnalysedRun:
-    from experiments.vision import evaluation_batches, load_trained_model
+def _load_vision(run_dir: Path, num_images: int = 64, batch_size: int = 32) -> AnalysedRun:
+    """A vision run's model, ``num_images`` validation images spread evenly over the
+    (class-sorted) split, and 4 of them, far apart, for the attention maps."""
+    from torch.utils.data import DataLoader, Subset
+
+    from experiments.vision import load_trained_model
+    from experiments.vision_data import build_datasets
 
     model, cfg = load_trained_model(run_dir)
-    batches = list(evaluation_batches(cfg, num_batches=2, batch_size=32))
-    return AnalysedRun(model, batches, batches[0][0][:4], cfg.data.mean, cfg.data.std)
+    _, val = build_datasets(cfg)
+    index = torch.linspace(0, len(val) - 1, min(num_images, len(val))).long().tolist()
+    loader = DataLoader(Subset(val, index), batch_size=batch_size, shuffle=False)
+    batches = list(loader)
+    images = torch.cat([b[0] for b in batches])
+    picks = torch.linspace(0, len(images) - 1, 4).long()
+    return AnalysedRun(model, batches, images[picks], cfg.data.mean, cfg.data.std)
 
 
 # task -> loader of a trained run (LM / MT: to add when their loaders exist)
