@@ -44,6 +44,8 @@ REQUIRED = (
     "metric_value",
 )
 BASELINE = "softmax"
+# The headline metric of a task whose W&B summary does not name it (results.json always does).
+DEFAULT_METRIC = {"image_classification": "top1", "mechanism": "task_error"}
 
 
 @dataclass(frozen=True)
@@ -265,9 +267,15 @@ def record_from_wandb(config: Mapping[str, Any], summary: Mapping[str, Any]) -> 
         "config": dict(config),
     }
     record.update({k: v for k, v in summary.items() if k in (*REQUIRED, "dataset", "profile")})
+    if not record.get("metric_name"):
+        evaluate = config.get("evaluate") or {}
+        record["metric_name"] = evaluate.get("metric") or DEFAULT_METRIC.get(record["task"])
     name = record.get("metric_name")
-    if record.get("metric_value") is None and name and name in summary:
-        record["metric_value"] = summary[name]
+    if record.get("metric_value") is None and name:
+        for key in (name, f"eval/{name}", f"val/{name}"):
+            if key in summary:
+                record["metric_value"] = summary[key]
+                break
     return record
 
 

@@ -123,3 +123,36 @@ def test_plots_have_labelled_axes(model: TinyAttentionModel) -> None:
                                       "t")  # fmt: skip
     assert fig.axes[0].get_title() == "input"
     json.dumps(stats)  # plain floats
+
+
+@pytest.mark.slow  # trains a 1-epoch vision smoke model per normaliser: minutes on 2 cores
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[1] / "experiments" / "vision.py").exists(),
+    reason="vision app not present",
+)
+def test_figures_of_trained_vision_runs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("softmax", "multimax"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.vision", "experiment=deit_tiny_imagenet",
+             "profile=smoke", f"normalizer={name}", "logger=none", "trainer.epochs=1",
+             f"hydra.run.dir={tmp_path / 'runs' / name}"],
+            cwd=repo, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    figures = analyze.analyze_runs([tmp_path / "runs"], tmp_path / "figures")
+    names = {f.stem.name for f in figures}
+    assert names == {
+        "training_curves_image_classification_smoke",
+        "attention_statistics_deit_smoke_gap_patch4_32_smoke",
+        "sigma_curves_deit_smoke_gap_patch4_32_smoke",
+        "attention_maps_deit_smoke_gap_patch4_32_smoke",
+    }
+    for fig in figures:
+        with Image.open(fig.stem.with_suffix(".png")) as image:
+            image.verify()

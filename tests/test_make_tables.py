@@ -156,6 +156,12 @@ def test_wandb_record_and_offline_error(monkeypatch) -> None:
     )
     assert (run.normalizer, run.output_normalizer, run.seed) == ("multimax", "multimax", 3)
     assert mt.table_of(run).key == "wikitext103_ppl" and run.metric_value == 30.5
+    vision = {"task": "image_classification", "seed": 0, "model": {"name": "deit"},
+              "normalizer": {"name": "softmax"}}  # fmt: skip
+    record = mt.record_from_wandb(vision, {"top1": 71.5, "top5": 90.0})
+    assert mt.run_from_record(record, "w").metric_value == 71.5
+    with pytest.raises(ValueError, match="metric_value"):
+        mt.run_from_record(mt.record_from_wandb(vision, {"top5": 90.0}), "w")
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(SystemExit, match="WANDB_MODE=offline"):
         mt.make_tables(from_wandb="me/multimax-lm", out="unused")
