@@ -138,8 +138,13 @@ def pointwise_sigma(normalizer: Normalizer) -> PointwiseSigma | None:
 # Pure functions of tensors (plus the σ spec): compiled as a whole by torch.compile.
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Half precision computes in float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _scores(sigma, raw, scale, keep, bias, params):
-    h = sigma.forward(raw.float() * scale, *params)
+    h = sigma.forward(upcast(raw) * scale, *params)
     if bias is not None:
         h = h + bias
     if keep is not None:
@@ -173,7 +178,7 @@ def _recompute_probs_kernel(sigma, raw, scale, keep, bias, m, s, drop, keep_prob
 
 def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, params):
     """(dR, dH, dθ): dR = scale · σ'(x) ⊙ dH; dH is returned for an additive-mask gradient."""
-    x = raw.float() * scale
+    x = upcast(raw) * scale
     h = sigma.forward(x, *params)
     if bias is not None:
         h = h + bias
@@ -182,7 +187,7 @@ def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, param
     p = torch.exp(h - m) / s
     if drop is not None:
         dp = dp * drop / keep_prob
-    dp = dp.float()
+    dp = upcast(dp)
     # δ = rowsum(P ⊙ dP), as softmax's own backward has it (rowsum(dO ⊙ O) is equal in exact
     # arithmetic but cancels badly when σ steepens the scores).
     dh = p * (dp - (p * dp).sum(-1, keepdim=True))
@@ -190,12 +195,6 @@ def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, param
     return dx * scale, dh, dparams
 
 
-_KERNELS = {
-    "probs": _probs_kernel,
-    "inference": _inference_kernel,
-    "recompute": _recompute_probs_kernel,
-    "grad": _grad_kernel,
-}
 _COMPILED: dict[tuple[str, str], Callable] = {}
 
 # Score tensors at least this large use compiled kernels under the "auto" policy: below it
@@ -241,15 +240,21 @@ def use_compiled_kernels(num_scores: int) -> bool:
     return _compile_policy == "always" or num_scores >= COMPILE_MIN_SCORES
 
 
-def _kernel(name: str, sigma: PointwiseSigma, compiled: bool) -> Callable:
-    fn = _KERNELS[name]
+def kernel(fn: Callable, sigma: PointwiseSigma, compiled: bool) -> Callable:
+    """``fn(sigma, *args)`` as a function of ``args``: torch.compile'd (dynamic shapes, one
+    cached build per kernel and σ) when ``compiled``, else plain PyTorch."""
     if not compiled:
         return lambda *args: fn(sigma, *args)
-    key = (name, sigma.key)
+    key = (f"{fn.__module__}.{fn.__qualname__}", sigma.key)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(
-            lambda *args, _fn=fn, _sigma=sigma: _fn(_sigma, *args), dynamic=True, fullgraph=True
-        )
+
+        def entry(*args):
+            return fn(sigma, *args)
+
+        # A code object of its own per (kernel, σ): dynamo keeps one cache (and one recompile
+        # limit) per code object, so kernels must not share a wrapper's.
+        entry.__code__ = entry.__code__.replace(co_name=f"{fn.__name__}_{sigma.key}")
+        _COMPILED[key] = torch.compile(entry, dynamic=True, fullgraph=True)
     return _COMPILED[key]
 
 
@@ -271,7 +276,7 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keep, bias, dropout_p, scale, sigma, compiled, *params):
         raw = torch.matmul(q, k.transpose(-2, -1))
-        p, m, s = _kernel("probs", sigma, compiled)(raw, scale, keep, bias, params)
+        p, m, s = kernel(_probs_kernel, sigma, compiled)(raw, scale, keep, bias, params)
         drop = None
         if dropout_p > 0:
             drop = torch.rand(p.shape, device=p.device) >= dropout_p
@@ -289,13 +294,13 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
         keep_prob = 1.0 - dropout_p
         d_out = d_out.contiguous()
         dp = torch.matmul(d_out, v.transpose(-2, -1))
-        d_raw, d_h, d_params = _kernel("grad", sigma, compiled)(
+        d_raw, d_h, d_params = kernel(_grad_kernel, sigma, compiled)(
             raw, scale, keep, bias, m, s, dp, drop, keep_prob, params
         )
         del dp
         dv = None
         if ctx.needs_input_grad[2]:
-            p = _kernel("recompute", sigma, compiled)(
+            p = kernel(_recompute_probs_kernel, sigma, compiled)(
                 raw, scale, keep, bias, m, s, drop, keep_prob, params
             )
             dv = torch.matmul(p.to(d_out.dtype).transpose(-2, -1), d_out)
@@ -338,13 +343,13 @@ def fused_attention(
     if compiled is None:
         compiled = use_compiled_kernels(num_scores)
     if bias is not None:
-        bias = bias.float() if bias.dtype != torch.float32 else bias
+        bias = upcast(bias)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias, *params)
     )
     if not needs_grad:
         raw = torch.matmul(q, k.transpose(-2, -1))
-        p = _kernel("inference", sigma, compiled)(raw, scale, keep, bias, params)
+        p = kernel(_inference_kernel, sigma, compiled)(raw, scale, keep, bias, params)
         del raw
         if dropout_p > 0:
             p = torch.nn.functional.dropout(p, dropout_p, training=True)
@@ -362,6 +367,8 @@ __all__ = [
     "fused_attention",
     "pointwise_sigma",
     "register_pointwise_sigma",
+    "kernel",
     "set_compile_policy",
+    "upcast",
     "use_compiled_kernels",
 ]

@@ -10,6 +10,10 @@
 
   with p* the normaliser's output, α = 2 (sparsemax) or 1.5 (entmax); its gradient is
   p* − q. Label smoothing replaces the one-hot q by (1 − ε)·onehot + ε / V.
+
+For softmax of a point-wise σ (MultiMax, softmax with temperature) on large outputs, the
+cross-entropy runs chunk by chunk through :mod:`multimax.chunked_loss` (same value and
+gradients, no second (T, V) tensor) whenever its compiled kernels are in use.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .chunked_loss import sigma_cross_entropy, supports_chunked
+from .fused import use_compiled_kernels
 from .normalizers import (
     EVSOFTMAX_EPSILON,
     Normalizer,
@@ -63,7 +69,10 @@ class NormalizerLoss(nn.Module):
     """Training loss of an output layer whose predictive distribution is ``normalizer(z)``.
 
     ``forward(logits, target)``: logits (..., V), integer targets (...); entries equal to
-    ``ignore_index`` contribute nothing. Computed in float32.
+    ``ignore_index`` contribute nothing. Computed in float32 (float64 stays float64).
+    ``chunked``: None (default) takes the chunked σ + cross-entropy when it helps (softmax of
+    a point-wise σ other than plain softmax, with compiled kernels in use); True / False
+    force it on / off.
     """
 
     def __init__(
@@ -72,6 +81,8 @@ class NormalizerLoss(nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         reduction: str = "mean",
+        *,
+        chunked: bool | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -80,6 +91,19 @@ class NormalizerLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.chunked = chunked
+        if chunked and not supports_chunked(normalizer):
+            raise ValueError(
+                f"chunked=True needs softmax of a point-wise σ; {type(normalizer).__name__} is not"
+            )
+
+    def uses_chunked(self, logits: Tensor) -> bool:
+        """Whether ``forward`` on these logits takes the chunked σ + cross-entropy."""
+        if self.chunked is not None:
+            return self.chunked
+        n = self.normalizer
+        plain = n.is_plain_softmax
+        return supports_chunked(n) and not plain and use_compiled_kernels(logits.numel())
 
     def training_logits(self, logits: Tensor) -> Tensor:
         """Scores whose softmax is the normaliser's training distribution (softmax family)."""
@@ -102,6 +126,10 @@ class NormalizerLoss(nn.Module):
                 q = q * (1 - self.label_smoothing) + self.label_smoothing / vocab
             loss = _FenchelYoung.apply(z, q, _FY_ALPHA[mapping])
             loss = torch.where(valid, loss, torch.zeros_like(loss))
+        elif self.uses_chunked(z):
+            loss = sigma_cross_entropy(
+                z, t, self.normalizer, self.label_smoothing, self.ignore_index
+            )
         else:
             loss = F.cross_entropy(
                 self.training_logits(z),
