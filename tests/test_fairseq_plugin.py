@@ -421,3 +421,67 @@ def test_checkpoint_types_allow_listed(tmp_path):
     torch.save({"cfg": {"model": Namespace(arch="x")}, "best": np.float64(1.5)}, path)
     state = plugin.load_fairseq_checkpoint(str(path))
     assert state["cfg"]["model"].arch == "x" and state["best"] == 1.5
+
+
+# --- the attention module itself ---------------------------------------------------------------
+
+
+def _explicit_attention(attn, x, keep):
+    """normalizer(q·kᵀ·scale, keep) @ v by hand, (T, B, C) in and out."""
+    t, b, c = x.shape
+    h, d = attn.num_heads, attn.head_dim
+
+    def heads(y):
+        return y.view(t, b, h, d).permute(1, 2, 0, 3)
+
+    q, k, v = heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+    scores = q @ k.transpose(-1, -2) * attn.scaling
+    p = attn.normalizer(scores, mask=keep)
+    return attn.out_proj((p @ v).permute(2, 0, 1, 3).reshape(t, b, c)), p
+
+
+@pytest.mark.parametrize("name", ["multimax", "sparsemax"])
+def test_attention_module_matches_explicit_formula(name):
+    from multimax import build_normalizer
+    from multimax.integrations.fairseq_plugin.attention import MultimaxMultiheadAttention
+
+    torch.manual_seed(0)
+    normalizer = build_normalizer(name)
+    if name == "multimax":
+        with torch.no_grad():  # far from identity, so σ-before-mask matters
+            normalizer.low_coef.fill_(-0.5), normalizer.high_coef.fill_(-0.3)
+    attn = MultimaxMultiheadAttention(16, 4, normalizer=normalizer, self_attention=True).eval()
+    x = torch.randn(5, 2, 16) * 3
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    future = torch.triu(torch.full((5, 5), float("-inf")), 1)
+    keep = ~pad[:, None, None, :] & torch.ones(5, 5, dtype=torch.bool).tril()
+    expected, weights = _explicit_attention(attn, x, keep)
+    out, _ = attn(x, x, x, key_padding_mask=pad, attn_mask=future, need_weights=False)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out, avg = attn(x, x, x, key_padding_mask=pad, attn_mask=future, need_weights=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(avg, weights.mean(1), atol=1e-6, rtol=1e-5)
+    assert attn._is_future_mask(future)
+    future[0, 1] = 0.0  # in place: the cached answer must not be reused
+    assert not attn._is_future_mask(future)
+
+
+def test_record_attention_sees_every_layer(tmp_path):
+    from multimax import record_attention
+
+    data = mt_data_dir(tmp_path)
+    model, task, _ = build(
+        data,
+        "translation",
+        "multimax_transformer_iwslt_de_en",
+        [*MT_SIZES, "--attn-normalizer", "multimax"],
+    )
+    model.eval()
+    src = token_batch(task.source_dictionary, [6, 4], left_pad=True)
+    tgt = shifted(
+        token_batch(task.target_dictionary, [5, 5], left_pad=False), task.target_dictionary
+    )
+    with torch.no_grad(), record_attention() as weights:
+        model(src, src.ne(task.source_dictionary.pad()).sum(1), tgt)
+    assert len(weights) == 2 + 2 * 2  # encoder self; decoder self + encoder-decoder
+    torch.testing.assert_close(weights[0].sum(-1)[0], torch.ones(4, 6))

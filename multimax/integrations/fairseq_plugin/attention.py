@@ -13,7 +13,6 @@ the fastest path that supports causality can run.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from fairseq.modules import MultiheadAttention
 from torch import Tensor
 
@@ -185,24 +184,24 @@ class MultimaxMultiheadAttention(MultiheadAttention):
             if self.training or self.dropout_module.apply_during_inference
             else 0.0
         )
+        out = multimax.attention(
+            q,
+            k,
+            v,
+            self.normalizer,
+            mask=mask,
+            is_causal=is_causal,
+            dropout_p=dropout_p,
+            scale=self.scaling,
+            impl=self.attention_impl,
+        )
         weights = None
         if need_weights:
-            out, weights = multimax.attention_with_weights(
+            # Weights (before dropout, as fairseq returns them) from the reference path. The
+            # output above still comes from multimax.attention, so the fastest path runs and
+            # record_attention() sees this call; the scores are computed twice only here.
+            _, weights = multimax.attention_with_weights(
                 q, k, v, self.normalizer, mask=mask, is_causal=is_causal, scale=self.scaling
-            )
-            if dropout_p > 0:
-                out = torch.matmul(F.dropout(weights, dropout_p, training=True).to(v.dtype), v)
-        else:
-            out = multimax.attention(
-                q,
-                k,
-                v,
-                self.normalizer,
-                mask=mask,
-                is_causal=is_causal,
-                dropout_p=dropout_p,
-                scale=self.scaling,
-                impl=self.attention_impl,
             )
 
         if beams > 1:
