@@ -1,0 +1,264 @@
+"""DeiT with global average pooling, every normaliser selectable, as registered timm models.
+
+Importing this module registers with timm's model registry:
+
+* ``deit_tiny_gap_patch16_224``  (192 dim, 12 layers, 3 heads; DeiT-tiny)
+* ``deit_small_gap_patch16_224`` (384 dim, 12 layers, 6 heads; DeiT-small)
+* ``deit_smoke_gap_patch4_32``   (64 dim, 4 layers, 4 heads, 32×32 input; smoke runs)
+
+Each is timm's own :class:`~timm.models.vision_transformer.VisionTransformer` with
+``class_token=False, global_pool="avg", fc_norm=False`` (LayerNorm on every token, then the
+average: the authors' model) and :class:`NormalizedAttention` passed in through its
+``attn_layer`` hook. Keyword arguments on top of timm's:
+
+* ``normalizer`` (default ``"softmax"``): what every attention layer uses, with its options
+  in ``normalizer_options`` (e.g. ``{"order": 2}``);
+* ``output_normalizer`` (default: same as ``normalizer``) with ``output_normalizer_options``
+  (default: ``normalizer_options`` when the names agree, else none);
+* ``attention_impl`` (default ``"auto"``): passed to :func:`multimax.attention` as ``impl``.
+
+The model's ``forward`` returns plain logits z. Its predictive distribution is
+``model.output_normalizer(z)`` (:meth:`GapVisionTransformer.predict_proba`), e.g.
+MultiMax(z) = softmax(σ(z)); train it with
+``multimax.build_loss(model.output_normalizer, label_smoothing=...)`` (integer targets) or
+:class:`SoftTargetLoss` (Mixup / CutMix soft targets), which share the output layer's σ.
+With softmax / softmax the state dict is timm's, key for key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from timm.layers import Attention
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+import multimax
+from multimax.attention import AttentionInputs, select_path
+from multimax.normalizers import Normalizer, build_normalizer
+
+MODEL_NAMES = (
+    "deit_tiny_gap_patch16_224",
+    "deit_small_gap_patch16_224",
+    "deit_smoke_gap_patch4_32",
+)
+
+
+def _build(spec: str | Normalizer | None, options: Mapping[str, Any] | None) -> Normalizer:
+    if isinstance(spec, Normalizer):
+        return spec
+    return build_normalizer(spec, **dict(options or {}))
+
+
+class NormalizedAttention(Attention):
+    """timm's multi-head self-attention with the weights computed by any normaliser.
+
+    Same projections (and parameter names) as :class:`timm.layers.Attention`; the
+    scores-to-output step is :func:`multimax.attention` with this layer's ``normalizer``
+    module (one σ per layer, shared by its heads). ``attention_path`` names the path that
+    ``impl`` resolved to in the last eager forward.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        normalizer: str | Normalizer | None = "softmax",
+        normalizer_options: Mapping[str, Any] | None = None,
+        attention_impl: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        self.normalizer = _build(normalizer, normalizer_options)
+        self.attention_impl = attention_impl
+        self.attention_path: str | None = None
+
+    @classmethod
+    def configured(cls, **defaults: Any) -> type[NormalizedAttention]:
+        """A subclass whose constructor has ``defaults`` bound: timm's ``attn_layer`` hook
+        wants a class, and builds one instance (so one normaliser, one σ) per layer."""
+
+        def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any) -> None:
+            cls.__init__(self, dim, num_heads, **{**defaults, **kwargs})
+
+        return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+
+    def _resolve_path(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> str:
+        if self.attention_impl != "auto":
+            return self.attention_impl
+        inputs = AttentionInputs(q, k, v, self.normalizer, None, None, False, dropout_p, self.scale)
+        return select_path(inputs)
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        B, N, _ = x.shape
+        gate = getattr(self, "gate", None)
+        gate = gate(x).sigmoid() if gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if not torch.compiler.is_compiling():
+            self.attention_path = self._resolve_path(q, k, v, dropout_p)
+        x = multimax.attention(
+            q,
+            k,
+            v,
+            self.normalizer,
+            mask=attn_mask,
+            is_causal=is_causal,
+            dropout_p=dropout_p,
+            scale=self.scale,
+            impl=self.attention_impl,
+        )
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class GapVisionTransformer(VisionTransformer):
+    """timm's VisionTransformer plus an ``output_normalizer`` module for its logits."""
+
+    def __init__(
+        self,
+        *,
+        normalizer: str | None = "softmax",
+        normalizer_options: Mapping[str, Any] | None = None,
+        output_normalizer: str | Normalizer | None = None,
+        output_normalizer_options: Mapping[str, Any] | None = None,
+        attention_impl: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if output_normalizer is None:
+            output_normalizer = normalizer
+        if output_normalizer_options is None and output_normalizer == normalizer:
+            output_normalizer_options = normalizer_options
+        attn_layer = NormalizedAttention.configured(
+            normalizer=normalizer,
+            normalizer_options=normalizer_options,
+            attention_impl=attention_impl,
+        )
+        super().__init__(attn_layer=attn_layer, **kwargs)
+        self.output_normalizer = _build(output_normalizer, output_normalizer_options)
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """The predictive distribution: ``output_normalizer(logits)`` (MultiMax(z), ...)."""
+        return self.output_normalizer(self(x))
+
+    def ranking_scores(self, logits: Tensor) -> Tensor:
+        """Scores ordered as the predictive distribution, without its ties at zero (top-k)."""
+        return self.output_normalizer.transform(logits.float())
+
+    def attention_paths(self) -> list[str]:
+        """Distinct attention paths the layers used in their last eager forward."""
+        paths = [m.attention_path for m in self.modules() if isinstance(m, NormalizedAttention)]
+        return sorted({p for p in paths if p is not None})
+
+
+def _cfg(input_size: tuple[int, int, int] = (3, 224, 224), **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": input_size,
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "mit",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "deit_tiny_gap_patch16_224": _cfg(),
+        "deit_small_gap_patch16_224": _cfg(),
+        "deit_smoke_gap_patch4_32": _cfg(input_size=(3, 32, 32), num_classes=10, crop_pct=1.0),
+    }
+)
+
+_GAP = {"class_token": False, "global_pool": "avg", "fc_norm": False}
+
+
+def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any):
+    if pretrained:
+        raise ValueError(
+            f"{variant}: no pretrained weights exist; train one with experiments.vision"
+        )
+    return build_model_with_cfg(
+        GapVisionTransformer, variant, pretrained=False, **{**arch, **_GAP, **kwargs}
+    )
+
+
+@register_model
+def deit_tiny_gap_patch16_224(pretrained: bool = False, **kwargs: Any) -> GapVisionTransformer:
+    """DeiT-tiny with global average pooling (5.7M parameters)."""
+    arch = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3}
+    return _create("deit_tiny_gap_patch16_224", pretrained, arch, **kwargs)
+
+
+@register_model
+def deit_small_gap_patch16_224(pretrained: bool = False, **kwargs: Any) -> GapVisionTransformer:
+    """DeiT-small with global average pooling (22M parameters)."""
+    arch = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6}
+    return _create("deit_small_gap_patch16_224", pretrained, arch, **kwargs)
+
+
+@register_model
+def deit_smoke_gap_patch4_32(pretrained: bool = False, **kwargs: Any) -> GapVisionTransformer:
+    """A 4-layer, 64-dim DeiT-GAP for 32×32 images: smoke runs on a CPU in minutes."""
+    arch = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4}
+    arch["num_classes"] = 10
+    return _create("deit_smoke_gap_patch4_32", pretrained, arch, **kwargs)
+
+
+class SoftTargetLoss(nn.Module):
+    """The output normaliser's loss for soft targets q (rows of (N, V), e.g. from timm's Mixup).
+
+    softmax family: −Σ q·log softmax(t(z)) with t the normaliser's training transform
+    (σ for MultiMax); sparsemax / 1.5-entmax: the Fenchel-Young loss
+    ⟨z, p* − q⟩ − Ω(p*) + Ω(q), whose gradient is p* − q (p* held fixed: envelope theorem).
+    Reduces to :func:`multimax.build_loss` for one-hot q.
+    """
+
+    _ALPHA = {"sparsemax": 2.0, "entmax15": 1.5}
+
+    def __init__(self, normalizer: Normalizer) -> None:
+        super().__init__()
+        self.normalizer = normalizer
+        self._softmax_family = multimax.build_loss(normalizer)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        q = target.float()
+        alpha = self._ALPHA.get(self.normalizer.mapping)
+        if alpha is None:
+            z = self._softmax_family.training_logits(logits)
+            return -(q * torch.log_softmax(z, dim=-1)).sum(-1).mean()
+        z = self.normalizer.transform(logits.float())
+        p = self.normalizer.map_to_simplex(z.detach())
+
+        def omega(r: Tensor) -> Tensor:
+            return (r.clamp_min(0).pow(alpha).sum(-1) - 1) / (alpha * (alpha - 1))
+
+        return ((z * (p - q)).sum(-1) - omega(p) + omega(q)).mean()
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "GapVisionTransformer",
+    "NormalizedAttention",
+    "SoftTargetLoss",
+    "deit_small_gap_patch16_224",
+    "deit_smoke_gap_patch4_32",
+    "deit_tiny_gap_patch16_224",
+]
