@@ -301,6 +301,38 @@ def tables(runs: list[dict], out: Path, banner: str) -> None:
     )
 
 
+def learned_table(runs: list[dict], out: Path, banner: str) -> None:
+    """The learned normaliser scalars of every run (σ's b, d, a, c; a learned temperature)."""
+    header = ["normalizer", "train N", "m", "seed", "parameters"]
+    rows = []
+    for r in sorted(
+        runs,
+        key=lambda r: (
+            ORDER.index(r["normalizer"]) if r["normalizer"] in ORDER else 99,
+            r["train_n"],
+            r["m"],
+            r["seed"],
+        ),
+    ):
+        params = (r["inspect"] or {}).get("normalizer_parameters") or {}
+        if not params:
+            continue
+        text = "; ".join(
+            f"{k} " + (" ".join(f"{x:+.3f}" for x in v) if isinstance(v, list) else f"{v:.3f}")
+            for k, v in params.items()
+        )
+        rows.append([r["normalizer"], str(r["train_n"]), str(r["m"]), str(r["seed"]), text])
+    write_table(
+        out,
+        "learned_normalizers",
+        header,
+        rows,
+        f"{banner}Learned normaliser scalars. MultiMax: σ(x) = x + Σ_k a_k relu(b_k − x)^k + "
+        "c_k relu(x − d_k)^k with b = low_threshold, d = high_threshold, a = low_coef, "
+        "c = high_coef (order 1: slope 1 − a below b, 1 + c above d).",
+    )
+
+
 def compare(a: dict[int, float], b: dict[int, float], larger_better: bool) -> tuple[str, float]:
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
@@ -530,6 +562,7 @@ def report(root: Path, out: Path) -> None:
     smoke = any(r["profile"] == "smoke" for r in runs)
     banner = "SMOKE RESULTS (pipeline check, not a study). " if smoke else ""
     tables(runs, out, banner)
+    learned_table(runs, out, banner)
     figures(runs, out, banner)
     meta_path = root / "study.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
