@@ -1,0 +1,24 @@
+"""IWSLT'14 De-En and WMT'14 En-De translation through fairseq (BRIEF §2).
+
+    python -m experiments.translation experiment=mt_iwslt14_deen|mt_wmt14_ende [profile=smoke]
+        [normalizer=multimax] [model.output_normalizer=softmax] [hydra.run.dir=DIR]
+
+Trains with ``fairseq-train`` (our plugin's ``multimax_transformer_*``), translates the test
+split with ``fairseq-generate`` (beam search) and writes ``results.json`` with detokenised
+sacrebleu and fairseq's tokenised BLEU; rerunning with the same ``hydra.run.dir`` resumes.
+``dry_run=true`` builds the model and optimiser and times two updates instead.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from experiments import fairseq_run
+
+
+@hydra.main(config_path="../configs", config_name="translation", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    fairseq_run.run(cfg, fairseq_run.evaluate_translation)
+
+
+if __name__ == "__main__":
+    main()

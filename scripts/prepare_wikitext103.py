@@ -1,0 +1,13 @@
+"""Prepare WikiText-103 for fairseq (configs/data/wikitext103.yaml).
+
+    python -m scripts.prepare_wikitext103                        # from the hub (online)
+    python -m scripts.prepare_wikitext103 corpus.local_path=DIR  # wiki.*.tokens or save_to_disk
+    python -m scripts.prepare_wikitext103 --smoke                # the generated smoke corpus
+
+Skips when the data-bin is already prepared with the same settings.
+"""
+
+from scripts.data_common import main
+
+if __name__ == "__main__":
+    main("wikitext103", "wikitext103_smoke")
