@@ -167,9 +167,20 @@ def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
     return paths
 
 
+def _panels(n: int, width: float = 4.0, height: float = 3.4, max_cols: int = 3):
+    """A figure with ``n`` panels in rows of at most ``max_cols``; unused panels hidden."""
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
 def plot_layer_statistics(stats: Mapping[str, Sequence[Mapping[str, float]]], title: str):
     """One panel per statistic, layer on x, one line per normaliser."""
-    fig, axes = plt.subplots(1, len(STATISTICS), figsize=(4 * len(STATISTICS), 3.4))
+    fig, axes = _panels(len(STATISTICS))
     for ax, (key, label) in zip(axes, STATISTICS, strict=True):
         for name, layers in stats.items():
             ax.plot(range(1, len(layers) + 1), [s[key] for s in layers], marker="o", label=name)
@@ -240,8 +251,8 @@ def plot_training_curves(runs: Sequence[tuple[str, list[dict[str, float]]]], tit
     skip = {"step", "epoch"}
     keys = sorted({k for _, recs in runs for r in recs for k in r if k not in skip},
                   key=lambda k: ("loss" not in k, k == "lr", k))  # fmt: skip
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    fig, axes = _panels(len(keys))
+    for ax, key in zip(axes, keys, strict=True):
         for name, recs in runs:
             points = [(r["step"], r[key]) for r in recs if key in r]
             if points:
@@ -250,7 +261,7 @@ def plot_training_curves(runs: Sequence[tuple[str, list[dict[str, float]]]], tit
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
