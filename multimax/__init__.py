@@ -6,7 +6,14 @@
 >>> n = multimax.build_normalizer("sparsemax")    # same forward(x, mask=None, dim=-1)
 """
 
-from .attention import ATTENTION_PATHS, attention, attention_with_weights, record_attention
+from .attention import (
+    ATTENTION_PATHS,
+    attention,
+    attention_with_weights,
+    record_attention,
+    use_attention_impl,
+)
+from .chunked_loss import sigma_cross_entropy
 from .losses import NormalizerLoss, build_loss
 from .modulation import MultiMax, modulate, multimax
 from .normalizers import (
@@ -41,4 +48,6 @@ __all__ = [
     "no_weight_decay_names",
     "param_groups",
     "record_attention",
+    "sigma_cross_entropy",
+    "use_attention_impl",
 ]
