@@ -485,3 +485,26 @@ def test_record_attention_sees_every_layer(tmp_path):
         model(src, src.ne(task.source_dictionary.pad()).sum(1), tgt)
     assert len(weights) == 2 + 2 * 2  # encoder self; decoder self + encoder-decoder
     torch.testing.assert_close(weights[0].sum(-1)[0], torch.ones(4, 6))
+
+
+def test_multimax_adam_exempts_normalizers_from_weight_decay(tmp_path):
+    from fairseq import optim
+
+    data = mt_data_dir(tmp_path)
+    extra = [*MT_SIZES, "--attn-normalizer", "multimax", "--output-normalizer", "multimax",
+             "--optimizer", "multimax_adam", "--weight-decay", "0.5", "--lr", "0.1"]  # fmt: skip
+    model, _, cfg = build(data, "translation", "multimax_transformer_iwslt_de_en", extra)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optim.build_optimizer(cfg.optimizer, params)
+    sigma = {id(p) for n, p in model.named_parameters() if "normalizer" in n}
+    assert len(sigma) == 7 * 4
+    decayed, exempt = optimizer.param_groups
+    assert {id(p) for p in exempt["params"]} == sigma and exempt["weight_decay"] == 0.0
+    assert decayed["weight_decay"] == 0.5 and not sigma & {id(p) for p in decayed["params"]}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # zero gradients: only (decoupled) weight decay moves anything
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == ("normalizer" not in name and bool(before[name].abs().sum() > 0)), name

@@ -91,13 +91,14 @@ def test_lm_train_multimax_then_eval_lm(tmp_path):
         "--attn-normalizer", "multimax", "--output-normalizer", "multimax",
         "--criterion", "multimax_label_smoothed_cross_entropy",
         "--tokens-per-sample", "32", "--batch-size", "8", "--max-update", "3",
-        "--optimizer", "adam", "--lr", "1e-3", "--save-dir", "ckpt",
-        "--save-interval-updates", "1", "--keep-interval-updates", "-1",
+        "--optimizer", "multimax_adam", "--weight-decay", "0.01", "--lr", "1e-3",
+        "--save-dir", "ckpt", "--save-interval-updates", "1", "--keep-interval-updates", "-1",
         "--no-epoch-checkpoints", "--seed", "1", *COMMON,
         cwd=tmp_path,
     )  # fmt: skip
     assert "num_updates=3" in log.replace(" ", "") or "num_updates 3" in log
     assert re.search(r"nll_loss[ =][\d.]+", log) and "ppl" in log
+    assert "multimax_adam: 12 normaliser tensors without weight decay" in log
     first, last = tmp_path / "ckpt/checkpoint_1_1.pt", tmp_path / "ckpt/checkpoint_1_3.pt"
     before, after = normalizer_tensors(first), normalizer_tensors(last)
     # 2 layers' attention + the output layer, 4 parameter vectors each

@@ -9,6 +9,8 @@ Registers with fairseq's own registries
   ``--output-normalizer``, ``--multimax-order``, ``--softmax-temperature``,
   ``--learn-temperature`` and ``--attention-impl`` (``options.py``);
 - the criterion ``multimax_label_smoothed_cross_entropy`` (``criterion.py``);
+- the optimiser ``multimax_adam``: fairseq's ``adam`` without weight decay on the normaliser
+  parameters (``optim.py``);
 
 and allow-lists the types fairseq checkpoints hold for ``torch.load(weights_only=True)``
 (``checkpoints.py``). fairseq's own models are left as they are.
@@ -30,6 +32,7 @@ from multimax.integrations.fairseq_plugin.models import (
     MultimaxTransformerLanguageModel,
     MultimaxTransformerModel,
 )
+from multimax.integrations.fairseq_plugin.optim import MultimaxAdam
 from multimax.integrations.fairseq_plugin.options import MultimaxOptions, normalizer_cli_args
 
 allow_fairseq_checkpoints()
@@ -39,6 +42,7 @@ USER_DIR = __path__[0]  # the folder to pass as fairseq's --user-dir
 __all__ = [
     "ARCHITECTURES",
     "USER_DIR",
+    "MultimaxAdam",
     "MultimaxLabelSmoothedCrossEntropyCriterion",
     "MultimaxOptions",
     "MultimaxTransformerLanguageModel",

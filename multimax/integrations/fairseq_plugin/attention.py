@@ -19,6 +19,8 @@ from torch import Tensor
 import multimax
 from multimax import Normalizer
 
+from .optim import exempt_from_weight_decay
+
 IncrementalState = dict[str, dict[str, Tensor | None]]
 
 
@@ -45,7 +47,7 @@ class MultimaxMultiheadAttention(MultiheadAttention):
                     "fairseq's transformer and transformer_lm architectures do not use it"
                 )
         super().__init__(embed_dim, num_heads, **kwargs)
-        self.normalizer = normalizer
+        self.normalizer = exempt_from_weight_decay(normalizer)
         self.attention_impl = attention_impl
         self._causal_cache: tuple[tuple, Tensor] | None = None
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from multimax import Normalizer
 
 from .attention import MultimaxMultiheadAttention
+from .optim import exempt_from_weight_decay
 from .options import MultimaxOptions
 
 # Beam search must never see -inf or NaN from the model: a zero-probability token scores this.
@@ -174,7 +175,7 @@ class MultimaxTransformerDecoder(TransformerDecoder):
             no_encoder_attn=no_encoder_attn,
             output_projection=output_projection,
         )
-        self.output_normalizer = options.build_output_normalizer()
+        self.output_normalizer = exempt_from_weight_decay(options.build_output_normalizer())
         if self.adaptive_softmax is not None and not self.output_normalizer.is_plain_softmax:
             raise ValueError(
                 f"--output-normalizer {options.output_normalizer!r} cannot be combined with "
