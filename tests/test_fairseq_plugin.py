@@ -508,3 +508,32 @@ def test_multimax_adam_exempts_normalizers_from_weight_decay(tmp_path):
     for name, p in model.named_parameters():
         moved = not torch.equal(p, before[name])
         assert moved == ("normalizer" not in name and bool(before[name].abs().sum() > 0)), name
+
+
+def test_beamable_encoder_attention_matches_per_beam_copies():
+    from multimax import build_normalizer
+    from multimax.integrations.fairseq_plugin.attention import MultimaxMultiheadAttention
+
+    torch.manual_seed(0)
+    attn = MultimaxMultiheadAttention(
+        16, 4, normalizer=build_normalizer("entmax15"), encoder_decoder_attention=True
+    ).eval()
+    beam, sentences = 2, 2
+    source = torch.randn(6, sentences, 16).repeat_interleave(beam, dim=1)  # (S, B·beam, C)
+    pad = torch.zeros(sentences, 6, dtype=torch.bool)
+    pad[1, :2] = True  # left padding in the second sentence
+    pad = pad.repeat_interleave(beam, dim=0)
+    query = torch.randn(3, sentences * beam, 16)
+    expected, expected_w = attn(query, source, source, key_padding_mask=pad, static_kv=True)
+    attn.set_beam_size(beam)
+    state: dict = {}
+    out, weights = attn(
+        query, source, source, key_padding_mask=pad, static_kv=True, incremental_state=state
+    )
+    assert attn._get_input_buffer(state)["prev_key"].size(0) == sentences  # one copy per sentence
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, expected_w, atol=1e-6, rtol=1e-5)
+    assert torch.all(weights[2:, :, :2] == 0)  # padded keys get exactly zero weight
+    # the next step reads the cache
+    out2, _ = attn(query, None, None, key_padding_mask=pad, static_kv=True, incremental_state=state)
+    torch.testing.assert_close(out2, expected, atol=1e-5, rtol=1e-5)
