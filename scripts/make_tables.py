@@ -419,9 +419,14 @@ def _cells(row: Row, with_paper: bool) -> list[str]:
     return cells
 
 
-def table_title(spec: TableSpec, profile: str) -> str:
+def table_title(spec: TableSpec, profile: str, rows: Sequence[Row] = ()) -> str:
+    """The paper table's name; for another profile also the data the runs really used."""
     title = f"{spec.title}: {spec.metric}"
-    return title if profile == "paper" else f"{title} [{profile.upper()} RESULTS]"
+    if profile == "paper":
+        return title
+    data = ", ".join(sorted({r.dataset for r in rows if r.dataset}))
+    on = f" pipeline, {profile} runs on {data}" if data else f" pipeline, {profile} runs"
+    return f"{spec.title}{on}: {rows[0].metric_name if rows else spec.metric} [{profile.upper()} RESULTS]"
 
 
 def banner(profile: str) -> str:
@@ -443,7 +448,7 @@ def to_markdown(spec: TableSpec, profile: str, rows: Sequence[Row]) -> str:
     cols = COLUMNS if with_paper else COLUMNS[:-2]
     direction = "higher is better" if spec.higher_is_better else "lower is better"
     lines = [
-        f"## {table_title(spec, profile)}",
+        f"## {table_title(spec, profile, rows)}",
         "",
         f"> {banner(profile)}",
         "",
@@ -490,7 +495,7 @@ def to_latex(spec: TableSpec, profile: str, rows: Sequence[Row]) -> str:
         f"% {banner(profile)}",
         r"\begin{table}[t]",
         r"\centering",
-        rf"\caption{{{_tex(table_title(spec, profile))}}}",
+        rf"\caption{{{_tex(table_title(spec, profile, rows))}}}",
         r"\begin{tabular}{" + "l" * 5 + "r" * (len(cols) - 5) + "}",
         r"\toprule",
         " & ".join(_tex(c) for c in cols) + r" \\",
