@@ -40,19 +40,29 @@ def cfg_for(*overrides: str, experiment: str = "deit_tiny_imagenet"):
         return compose("vision", overrides=[f"experiment={experiment}", *overrides])
 
 
-@pytest.mark.parametrize("profile", ["paper", "smoke"])
-@pytest.mark.parametrize("normalizer", NORMALIZERS)
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_with_every_normalizer(experiment, normalizer, profile):
-    cfg = cfg_for(f"normalizer={normalizer}", f"profile={profile}", experiment=experiment)
-    assert cfg.task == "image_classification"
-    assert cfg.model.output_normalizer == cfg.normalizer.name
-    if profile == "paper":
-        assert cfg.data.name == "imagenet" and cfg.trainer.epochs == 300
-        assert cfg.trainer.batch_size == 1024 and cfg.augment.mixup == 0.8
-        assert cfg.model.name.startswith(experiment.split("_")[0] + "_" + experiment.split("_")[1])
-    else:
-        assert cfg.data.name == "digits" and cfg.model.name == "deit_smoke_gap_patch4_32"
+def test_every_experiment_composes_with_every_normalizer(experiment):
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        for normalizer in NORMALIZERS:
+            for profile in ("paper", "smoke"):
+                cfg = compose(
+                    "vision",
+                    overrides=[
+                        f"experiment={experiment}",
+                        f"normalizer={normalizer}",
+                        f"profile={profile}",
+                    ],
+                )
+                assert cfg.task == "image_classification"
+                assert cfg.model.output_normalizer == cfg.normalizer.name
+                assert cfg.profile.name == profile
+                if profile == "paper":
+                    assert cfg.data.name == "imagenet" and cfg.trainer.epochs == 300
+                    assert cfg.trainer.batch_size == 1024 and cfg.augment.mixup == 0.8
+                    assert cfg.model.name == experiment.replace("_imagenet", "_gap_patch16_224")
+                else:
+                    assert cfg.data.name == "digits"
+                    assert cfg.model.name == "deit_smoke_gap_patch4_16"
 
 
 def test_output_normalizer_is_one_override():
@@ -142,9 +152,9 @@ def test_load_trained_model_and_evaluation_batches(uninterrupted):
 
     run_dir, result = uninterrupted
     model, cfg = load_trained_model(run_dir)
-    assert cfg.model.name == "deit_smoke_gap_patch4_32" and not model.training
+    assert cfg.model.name == "deit_smoke_gap_patch4_16" and not model.training
     batches = list(evaluation_batches(cfg, num_batches=2, batch_size=8))
-    assert len(batches) == 2 and batches[0][0].shape == (8, 3, 32, 32)
+    assert len(batches) == 2 and batches[0][0].shape == (8, 3, 16, 16)
     with torch.no_grad(), multimax.record_attention() as weights:
         model(batches[0][0])
     assert len(weights) == 4
@@ -194,9 +204,10 @@ def test_two_torchrun_processes_train_as_one_with_the_same_global_batch(tmp_path
         *common,
         f"hydra.run.dir={tmp_path / 'two'}",
     ]
-    for cmd in (one, two):
+    for cmd, processes in ((one, 1), (two, 2)):
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert f"{processes} process(es)" in done.stdout
     single, parallel = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(single) == len(parallel) == 3
     torch.testing.assert_close(torch.tensor(parallel), torch.tensor(single), rtol=1e-4, atol=1e-5)

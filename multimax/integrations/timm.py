@@ -4,7 +4,7 @@ Importing this module registers with timm's model registry:
 
 * ``deit_tiny_gap_patch16_224``  (192 dim, 12 layers, 3 heads; DeiT-tiny)
 * ``deit_small_gap_patch16_224`` (384 dim, 12 layers, 6 heads; DeiT-small)
-* ``deit_smoke_gap_patch4_32``   (64 dim, 4 layers, 4 heads, 32×32 input; smoke runs)
+* ``deit_smoke_gap_patch4_16``   (64 dim, 4 layers, 4 heads, 16×16 input; smoke runs)
 
 Each is timm's own :class:`~timm.models.vision_transformer.VisionTransformer` with
 ``class_token=False, global_pool="avg", fc_norm=False`` (LayerNorm on every token, then the
@@ -43,7 +43,7 @@ from multimax.normalizers import Normalizer, build_normalizer
 MODEL_NAMES = (
     "deit_tiny_gap_patch16_224",
     "deit_small_gap_patch16_224",
-    "deit_smoke_gap_patch4_32",
+    "deit_smoke_gap_patch4_16",
 )
 
 
@@ -183,7 +183,7 @@ default_cfgs = generate_default_cfgs(
     {
         "deit_tiny_gap_patch16_224": _cfg(),
         "deit_small_gap_patch16_224": _cfg(),
-        "deit_smoke_gap_patch4_32": _cfg(input_size=(3, 32, 32), num_classes=10, crop_pct=1.0),
+        "deit_smoke_gap_patch4_16": _cfg(input_size=(3, 16, 16), num_classes=10, crop_pct=1.0),
     }
 )
 
@@ -215,11 +215,11 @@ def deit_small_gap_patch16_224(pretrained: bool = False, **kwargs: Any) -> GapVi
 
 
 @register_model
-def deit_smoke_gap_patch4_32(pretrained: bool = False, **kwargs: Any) -> GapVisionTransformer:
-    """A 4-layer, 64-dim DeiT-GAP for 32×32 images: smoke runs on a CPU in minutes."""
-    arch = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4}
+def deit_smoke_gap_patch4_16(pretrained: bool = False, **kwargs: Any) -> GapVisionTransformer:
+    """A 4-layer, 64-dim DeiT-GAP for 16×16 images: smoke runs on a CPU in minutes."""
+    arch = {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4}
     arch["num_classes"] = 10
-    return _create("deit_smoke_gap_patch4_32", pretrained, arch, **kwargs)
+    return _create("deit_smoke_gap_patch4_16", pretrained, arch, **kwargs)
 
 
 class SoftTargetLoss(nn.Module):
@@ -259,6 +259,6 @@ __all__ = [
     "NormalizedAttention",
     "SoftTargetLoss",
     "deit_small_gap_patch16_224",
-    "deit_smoke_gap_patch4_32",
+    "deit_smoke_gap_patch4_16",
     "deit_tiny_gap_patch16_224",
 ]
