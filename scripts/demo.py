@@ -206,8 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes: list[Outcome] = []
     for i, (p, n) in enumerate(todo, start=1):
         prefix = f"[demo {i}/{len(todo)} {_duration(time.perf_counter() - start)}]"
-        print(f"{prefix} {p.key} {n}: smoke run ...", flush=True)
-        o = run_smoke(p, n, runs_dir / f"{p.key}_{n}", (f"logger={args.logger}",), args.reuse)
+        run_dir = runs_dir / f"{p.key}_{n}"
+        if not (args.reuse and (run_dir / "results.json").exists()):
+            print(f"{prefix} {p.key} {n}: smoke run ... (log: {run_dir}/demo.log)", flush=True)
+        o = run_smoke(p, n, run_dir, (f"logger={args.logger}",), args.reuse)
         outcomes.append(o)
         print(f"{prefix} {p.key} {n}: {o.status} in {_duration(o.seconds)}: {o.summary}",
               flush=True)  # fmt: skip
