@@ -15,6 +15,8 @@ continues the run (and the same W&B run).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -95,10 +97,39 @@ def normalizer_flags(cfg: DictConfig) -> list[str]:
                 f"output_normalizer={out}"
             )
         return []
-    from multimax.integrations.fairseq_plugin.options import normalizer_cli_args
+    return plugin_flags(attn, attn_opts, out, out_opts, cfg.model.get("attention_impl"))
 
-    impl = str(cfg.model.get("attention_impl") or "auto")
-    return normalizer_cli_args(attn, attn_opts, out, out_opts, attention_impl=impl)
+
+# Normaliser option -> the plugin's flag (multimax/integrations/fairseq_plugin/options.py).
+_OPTION_FLAGS = {"order": "--multimax-order", "temperature": "--softmax-temperature"}
+
+
+def plugin_flags(
+    attn: str, attn_opts: Mapping, out: str, out_opts: Mapping, impl: str | None = "auto"
+) -> list[str]:
+    """The plugin's flags for these normalisers: the same list as the plugin's
+    ``normalizer_cli_args`` (a test checks), built without importing fairseq here: importing
+    it registers fairseq's ``common`` schema in Hydra's ConfigStore, which would then clash
+    with our ``configs/common.yaml`` in every later composition of this process (multirun)."""
+    merged: dict[str, Any] = {"order": 2, "temperature": 1.0, "learn_temperature": False}
+    seen: dict[str, Any] = {}
+    for options in (attn_opts, out_opts):
+        for key, value in options.items():
+            if key not in merged:
+                raise ValueError(f"normaliser option {key!r} has no fairseq plugin flag")
+            if key in seen and seen[key] != value:
+                raise ValueError(
+                    f"attention and output normalisers ask for different {key} "
+                    f"({seen[key]!r} vs {value!r}); the fairseq flags are shared"
+                )
+            seen[key] = merged[key] = value
+    flags = ["--attn-normalizer", attn, "--output-normalizer", out]
+    flags += [_OPTION_FLAGS["order"], str(merged["order"])]
+    flags += [_OPTION_FLAGS["temperature"], str(merged["temperature"])]
+    flags += ["--attention-impl", str(impl or "auto")]
+    if merged["learn_temperature"]:
+        flags.append("--learn-temperature")
+    return flags
 
 
 def has_cuda() -> bool:
@@ -503,27 +534,40 @@ def dry_run(cfg: DictConfig, run_dir: Path):
     present = ensure_data(cfg, allow_missing=True)
     dr = _container(cfg.get("dry_run_options"))
     args = train_args(cfg, run_dir / CHECKPOINT_DIR)
-    vocab = _container(cfg.data.get("dry_run_vocab")) if present is None else None
-    if present is None and not vocab and cfg.data.get("dry_run_vocab") is not None:
-        vocab = {"size": int(cfg.data.dry_run_vocab)}
+    vocab = None
+    if present is None:  # random tokens over dictionaries of the published sizes
+        raw = cfg.data.get("dry_run_vocab")
+        if raw is None:
+            from scripts.data_common import require_prepared
+
+            require_prepared(cfg.data)
+        vocab = {"size": int(raw)} if isinstance(raw, int) else _container(raw)
     extra = {
         "task_name": str(cfg.task),
         "total_steps": int(cfg.train.get("max_update") or 0),
         "world_size": int(dr.get("world_size", 1)),
         "cpu_max_tokens": int(dr.get("cpu_max_tokens", 0) or 0),
-        "vocab": vocab if present is None else None,
+        "vocab": vocab,
     }
     os.environ["MULTIMAX_DRY_RUN"] = json.dumps(extra)
     print(f"[dry run] fairseq-train {' '.join(args)}", flush=True)
     lines: list[str] = []
 
     def show(line: str) -> None:
-        lines.append(line)
-        if line.startswith("[dry run]") or line.startswith("  "):
-            print(line, flush=True)
+        if line.startswith(_REPORT_MARK):
+            lines.append(line[len(_REPORT_MARK) :])
+            print(lines[-1], flush=True)
 
     run_stage("dry_run", args, run_dir / "dry_run.log", show)
-    return "\n".join(line for line in lines if line.startswith(("[dry run]", "  ")))
+    return "\n".join(lines)
+
+
+_REPORT_MARK = "@dry-run@ "  # the child's report lines, told apart from fairseq's own output
+
+
+def _report(text: str) -> None:
+    for line in text.splitlines():
+        print(_REPORT_MARK + line, flush=True)
 
 
 def _worker_dry_run(argv: list[str]) -> None:
@@ -561,7 +605,7 @@ def _worker_dry_run(argv: list[str]) -> None:
             task = task_cls(cfg.task, d, d)
         else:
             task = task_cls(cfg.task, dictionary(int(vocab["src"])), dictionary(int(vocab["tgt"])))
-        print("[dry run] data missing: random tokens of the real shapes, published vocabularies")
+        _report("[dry run] data missing: random tokens of the real shapes, published vocabularies")
     else:
         task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
@@ -623,22 +667,23 @@ def _worker_dry_run(argv: list[str]) -> None:
     from experiments.runtime import dry_run_report
 
     world = int(extra.get("world_size", 1))
-    dry_run_report(
-        task=f"{extra.get('task_name', cfg.task._name)} ({cfg.model._name})",
-        parameters=params,
-        items_per_step=step_tokens * world,
-        item_name="tokens",
-        step_seconds=step_seconds,
-        total_steps=int(extra.get("total_steps") or cfg.optimization.max_update or 0),
-        device=device,
-        world_size=world,
-    )
-    print(
+    with contextlib.redirect_stdout(io.StringIO()):
+        report = dry_run_report(
+            task=f"{extra.get('task_name', cfg.task._name)} ({cfg.model._name})",
+            parameters=params,
+            items_per_step=step_tokens * world,
+            item_name="tokens",
+            step_seconds=step_seconds,
+            total_steps=int(extra.get("total_steps") or cfg.optimization.max_update or 0),
+            device=device,
+            world_size=world,
+        )
+    _report(report)
+    _report(
         f"  measured:          {times[-1]:.3f} s for one micro-batch of "
         f"{int(batches[-1]['ntokens']):,} tokens (x{scale:.1f} = one update of "
         f"{step_tokens:,} tokens per device); losses finite: "
-        f"{all(math.isfinite(float(p.sum())) for p in model.parameters())}",
-        flush=True,
+        f"{all(math.isfinite(float(p.sum())) for p in model.parameters())}"
     )
 
 

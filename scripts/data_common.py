@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import logging
 import os
 import random
 import shutil
@@ -128,12 +127,19 @@ def load_corpus(corpus: DictConfig | Mapping, cache_dir: str | Path | None = Non
         return {ours: loaded[theirs] for ours, theirs in splits.items()}
     if not corpus.get("hf_path"):
         raise MissingCorpusError("corpus has neither local_path nor hf_path")
-    loaded = datasets.load_dataset(
-        corpus["hf_path"],
-        corpus.get("hf_name"),
-        revision=corpus.get("hf_revision"),
-        cache_dir=cache_dir,
-    )
+    try:
+        loaded = datasets.load_dataset(
+            corpus["hf_path"],
+            corpus.get("hf_name"),
+            revision=corpus.get("hf_revision"),
+            cache_dir=cache_dir,
+        )
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, ...: say what to do instead
+        raise MissingCorpusError(
+            f"could not load {corpus['hf_path']} ({corpus.get('hf_name')}) from the Hugging Face "
+            f"hub: {err}\nOffline? Point corpus.local_path at a local copy (a save_to_disk folder "
+            f"or the files {dict(corpus.get('files') or {})})."
+        ) from err
     return {ours: loaded[theirs] for ours, theirs in splits.items()}
 
 
@@ -382,19 +388,17 @@ def write_lines(path: str | Path, lines: Iterable[str]) -> int:
     return _atomic_lines(path, lines)
 
 
-def fairseq_preprocess(args: list[str]) -> None:
-    """Run ``fairseq-preprocess`` with these command-line arguments, in this process."""
-    from fairseq import options
-    from fairseq_cli import preprocess
+def fairseq_preprocess(args: list[str], log_path: Path) -> None:
+    """Run ``fairseq-preprocess`` with these arguments in a child process (importing fairseq
+    here would put its Hydra schemas into this process' ConfigStore); output to ``log_path``."""
+    import subprocess
 
-    parser = options.get_preprocessing_parser()
-    quiet = logging.getLogger("fairseq_cli.preprocess")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # its per-file statistics go to preprocess.log anyway
-    try:
-        preprocess.main(parser.parse_args(args))
-    finally:
-        quiet.setLevel(level)
+    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", *args]
+    with log_path.open("w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if code != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-20:])
+        raise RuntimeError(f"fairseq-preprocess failed (exit {code}):\n{tail}")
 
 
 def finish_build(cfg: DictConfig, build_dir: Path, stats: Mapping[str, Any]) -> Path:
@@ -480,7 +484,7 @@ def prepare_language_model(cfg: DictConfig) -> Path:
     args = ["--only-source", "--destdir", str(build), "--workers", str(cfg.get("workers", 1))]
     for split in SPLITS:
         args += [f"--{split}pref", str(text / f"{split}.tokens")]
-    fairseq_preprocess(args)
+    fairseq_preprocess(args, build / "preprocess.out")
     shutil.rmtree(text)
     shutil.rmtree(build / "hf_cache", ignore_errors=True)
     dest = finish_build(cfg, build, stats)
@@ -562,7 +566,7 @@ def prepare_translation(cfg: DictConfig) -> Path:
         args.append("--joined-dictionary")
     for split in SPLITS:
         args += [f"--{split}pref", str(text / split)]
-    fairseq_preprocess(args)
+    fairseq_preprocess(args, build / "preprocess.out")
     if not recipe.get("keep_text", False):
         shutil.rmtree(text)
     shutil.rmtree(build / "hf_cache", ignore_errors=True)
