@@ -17,10 +17,12 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from experiments import runtime
+from experiments.vision_launch import run_workers, worker_command
 from experiments.vision_train import (
     RESOLVED_CONFIG,
     STOP_EXIT_CODE,
@@ -37,8 +39,14 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.dry_run:
         dry_run(cfg)
         return None
+    run_dir = runtime.hydra_run_dir()
+    workers = worker_command(cfg, list(HydraConfig.get().overrides.task), run_dir)
+    if workers is not None:  # a single launcher process on a multi-GPU node: one per GPU
+        run_workers(workers)
+        results = run_dir / runtime.RESULTS_FILE
+        return runtime.read_results(results).metric_value if results.exists() else None
     try:
-        result = train(cfg, runtime.hydra_run_dir())
+        result = train(cfg, run_dir)
     except NonFiniteLoss:
         sys.exit(STOP_EXIT_CODE)
     return None if result is None else result.metric_value

@@ -469,6 +469,8 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
                     epoch, batches_done = epoch + 1, 0
                 if epoch_end or step % every_ckpt == 0 or step == stop_at:
                     save_state(parts, ctx, run_dir, epoch, batches_done, step, best, metrics)
+                if epoch_end:  # images/s counts training only, not evaluation or saving
+                    window_time = time.perf_counter()
                 if step == stop_at:
                     if ctx.is_main:
                         print(

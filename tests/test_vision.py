@@ -32,6 +32,9 @@ SHORT = [
     "trainer.threads=1",
     "trainer.log_every_steps=5",
     "trainer.checkpoint_every_steps=100",
+    "trainer.ema=true",
+    "trainer.ema_decay=0.9",
+    "optim.clip_grad=1.0",
 ]
 
 
@@ -137,6 +140,9 @@ def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(uninterrupted, t
     assert resumed.steps == expected.steps == 22
     assert resumed.metrics["top1"] == pytest.approx(expected.metrics["top1"], abs=1e-9)
     assert resumed.metrics["val_loss"] == pytest.approx(expected.metrics["val_loss"], rel=1e-5)
+    assert resumed.metrics["ema_val_loss"] == pytest.approx(
+        expected.metrics["ema_val_loss"], rel=1e-5
+    )
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -158,6 +164,8 @@ def test_load_trained_model_and_evaluation_batches(uninterrupted):
     with torch.no_grad(), multimax.record_attention() as weights:
         model(batches[0][0])
     assert len(weights) == 4
+    ema_model, _ = load_trained_model(run_dir, use_ema=True)
+    assert not torch.equal(ema_model.head.weight, model.head.weight)
 
 
 def test_dry_run_of_the_paper_profile_on_the_cpu(tmp_path, capsys):
@@ -213,3 +221,29 @@ def test_two_torchrun_processes_train_as_one_with_the_same_global_batch(tmp_path
     torch.testing.assert_close(torch.tensor(parallel), torch.tensor(single), rtol=1e-4, atol=1e-5)
     # the parallel run really trained: its loss moved
     assert parallel[0] != parallel[2]
+
+
+def test_a_single_launcher_process_starts_one_worker_per_process_wanted(monkeypatch, tmp_path):
+    from experiments.vision_launch import worker_command
+
+    for name in (
+        "RANK",
+        "LOCAL_RANK",
+        "TORCHELASTIC_RUN_ID",
+        "SLURM_JOB_NUM_NODES",
+        "SLURM_NNODES",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    overrides = ["experiment=deit_small_imagenet", "hydra.run.dir=elsewhere", "seed=1"]
+    cpu_only = cfg_for("trainer.procs_per_node=1")
+    assert worker_command(cpu_only, overrides, tmp_path) is None
+    cmd = worker_command(cfg_for("trainer.procs_per_node=2"), overrides, tmp_path)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    assert cmd[-4:] == [
+        "experiments.vision",
+        "experiment=deit_small_imagenet",
+        "seed=1",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # already a torchrun worker: train here
+    assert worker_command(cfg_for("trainer.procs_per_node=2"), overrides, tmp_path) is None

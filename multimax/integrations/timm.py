@@ -76,6 +76,7 @@ class NormalizedAttention(Attention):
         self.normalizer = _build(normalizer, normalizer_options)
         self.attention_impl = attention_impl
         self.attention_path: str | None = None
+        self._path_key: tuple | None = None
 
     @classmethod
     def configured(cls, **defaults: Any) -> type[NormalizedAttention]:
@@ -104,7 +105,10 @@ class NormalizedAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
         if not torch.compiler.is_compiling():
-            self.attention_path = self._resolve_path(q, k, v, dropout_p)
+            key = (self.training, torch.is_grad_enabled(), q.dtype, q.device.type, q.shape[-2])
+            if key != self._path_key:  # the choice depends on these only: resolve on change
+                self.attention_path = self._resolve_path(q, k, v, dropout_p)
+                self._path_key = key
         x = multimax.attention(
             q,
             k,
