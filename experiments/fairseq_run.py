@@ -682,8 +682,8 @@ def _worker_dry_run(argv: list[str]) -> None:
     _report(
         f"  measured:          {times[-1]:.3f} s for one micro-batch of "
         f"{int(batches[-1]['ntokens']):,} tokens (x{scale:.1f} = one update of "
-        f"{step_tokens:,} tokens per device); losses finite: "
-        f"{all(math.isfinite(float(p.sum())) for p in model.parameters())}"
+        f"{step_tokens:,} tokens per device); parameters finite after the steps: "
+        f"{all(bool(p.detach().isfinite().all()) for p in model.parameters())}"
     )
 
 
