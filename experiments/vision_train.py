@@ -287,8 +287,14 @@ def trim_metrics_log(run_dir: Path, step: int) -> None:
     path = run_dir / runtime.METRICS_LOG
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    runtime.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the crash we resume from
+    runtime.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 # --- evaluation ---------------------------------------------------------------------------------

@@ -247,3 +247,20 @@ def test_a_single_launcher_process_starts_one_worker_per_process_wanted(monkeypa
     ]
     monkeypatch.setenv("LOCAL_RANK", "0")  # already a torchrun worker: train here
     assert worker_command(cfg_for("trainer.procs_per_node=2"), overrides, tmp_path) is None
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path):
+    _, expected = uninterrupted
+    cfg = cfg_for(*SHORT, "normalizer=multimax", "trainer.stop_after_steps=15")
+    train(cfg, tmp_path)  # checkpoints at step 11 (epoch end) and 15 (the stop)
+    (tmp_path / runtime.CHECKPOINT_LAST).write_bytes(b"truncated by a crash")
+    with (tmp_path / runtime.METRICS_LOG).open("a") as log:
+        log.write('{"step": 16, "train_lo')  # a line the crash cut short
+    with pytest.warns(UserWarning, match="unreadable"):
+        resumed = train(cfg_for(*SHORT, "normalizer=multimax"), tmp_path)
+    assert resumed.steps == 22
+    assert resumed.metrics["top1"] == pytest.approx(expected.metrics["top1"], abs=1e-9)
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / runtime.METRICS_LOG).read_text().splitlines()
+    ]
+    assert steps == sorted(steps)  # lines after step 11 were dropped, then rewritten once
