@@ -176,8 +176,9 @@ def _recompute_probs_kernel(sigma, raw, scale, keep, bias, m, s, drop, keep_prob
     return p
 
 
-def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, params):
-    """(dR, dH, dθ): dR = scale · σ'(x) ⊙ dH; dH is returned for an additive-mask gradient."""
+def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, want_dh, params):
+    """(dR, dH or None, dθ): dR = scale · σ'(x) ⊙ dH; dH only when ``want_dh`` (an additive
+    mask's gradient), since every returned N×M tensor is one more at the backward's peak."""
     x = upcast(raw) * scale
     h = sigma.forward(x, *params)
     if bias is not None:
@@ -192,14 +193,14 @@ def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, param
     # arithmetic but cancels badly when σ steepens the scores).
     dh = p * (dp - (p * dp).sum(-1, keepdim=True))
     dx, dparams = sigma.backward(x, dh, *params)
-    return dx * scale, dh, dparams
+    return dx * scale, (dh if want_dh else None), dparams
 
 
 _COMPILED: dict[tuple[str, str], Callable] = {}
 
 # Score tensors at least this large use compiled kernels under the "auto" policy: below it
 # the (one-off, cached) compile costs more than it saves.
-COMPILE_MIN_SCORES = 1 << 20
+COMPILE_MIN_SCORES = 1 << 19
 
 
 def _env_compile_policy() -> str:
@@ -270,19 +271,51 @@ def _sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
+# Batch slices whose score block has about this many entries: the N×M temporaries (P, dP,
+# dR) then exist one slice at a time, and only the saved scores R exist at full size.
+SLICE_SCORES = 1 << 20
+
+
+def _batch_slices(q: Tensor, k: Tensor, v: Tensor, whole: bool = False) -> list[slice]:
+    """Slices of the batch; one covering everything when q, k, v do not share a 4-D batch."""
+    same = q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0]
+    batch = q.shape[0] if same else 1
+    per_item = q[0].numel() // q.shape[-1] * k.shape[-2] if same else 0
+    if whole or batch <= 1 or per_item == 0:
+        return [slice(None)]
+    step = max(1, SLICE_SCORES // per_item)
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
+
+def _part(t: Tensor | None, sl: slice) -> Tensor | None:
+    """The batch slice of a (possibly broadcast) 4-D mask / bias / saved tensor."""
+    if t is None or sl == slice(None) or t.dim() < 4 or t.shape[0] == 1:
+        return t
+    return t[sl]
+
+
 class FusedSigmaSoftmaxAttention(torch.autograd.Function):
     """softmax(σ(q·kᵀ·scale) + bias, masked) · v with a hand-written, memory-lean backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, bias, dropout_p, scale, sigma, compiled, *params):
         raw = torch.matmul(q, k.transpose(-2, -1))
-        p, m, s = kernel(_probs_kernel, sigma, compiled)(raw, scale, keep, bias, params)
-        drop = None
-        if dropout_p > 0:
-            drop = torch.rand(p.shape, device=p.device) >= dropout_p
-            p = p * drop / (1.0 - dropout_p)
-        out = torch.matmul(p.to(v.dtype), v)
-        del p
+        slices = _batch_slices(q, k, v)
+        outs, ms, ss, drops = [], [], [], []
+        probs = kernel(_probs_kernel, sigma, compiled)
+        for sl in slices:
+            p, m, s = probs(raw[sl], scale, _part(keep, sl), _part(bias, sl), params)
+            if dropout_p > 0:
+                drop = torch.rand(p.shape, device=p.device) >= dropout_p
+                p = p * drop / (1.0 - dropout_p)
+                drops.append(drop)
+            outs.append(torch.matmul(p.to(v.dtype), v[sl]))
+            ms.append(m)
+            ss.append(s)
+            del p
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        m, s = torch.cat(ms), torch.cat(ss)
+        drop = torch.cat(drops) if drops else None
         ctx.save_for_backward(q, k, v, keep, bias, raw, m, s, drop, *params)
         ctx.meta = (dropout_p, scale, sigma, compiled)
         return out
@@ -293,24 +326,38 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
         dropout_p, scale, sigma, compiled = ctx.meta
         keep_prob = 1.0 - dropout_p
         d_out = d_out.contiguous()
-        dp = torch.matmul(d_out, v.transpose(-2, -1))
-        d_raw, d_h, d_params = kernel(_grad_kernel, sigma, compiled)(
-            raw, scale, keep, bias, m, s, dp, drop, keep_prob, params
-        )
-        del dp
-        dv = None
-        if ctx.needs_input_grad[2]:
-            p = kernel(_recompute_probs_kernel, sigma, compiled)(
-                raw, scale, keep, bias, m, s, drop, keep_prob, params
-            )
-            dv = torch.matmul(p.to(d_out.dtype).transpose(-2, -1), d_out)
-            del p
-        d_raw = d_raw.to(q.dtype)
-        dq = torch.matmul(d_raw, k) if ctx.needs_input_grad[0] else None
-        dk = torch.matmul(d_raw.transpose(-2, -1), q) if ctx.needs_input_grad[1] else None
-        d_bias = None
-        if bias is not None and ctx.needs_input_grad[4]:
-            d_bias = _sum_to(d_h, bias.shape).to(bias.dtype)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        want_dh = bias is not None and ctx.needs_input_grad[4]
+        dqs, dks, dvs = [], [], []
+        d_params = d_h = None
+        recompute = kernel(_recompute_probs_kernel, sigma, compiled)
+        grad = kernel(_grad_kernel, sigma, compiled)
+        # One batch slice at a time (the whole batch when a bias gradient is wanted): at most
+        # R plus one slice's P or dP and dR are alive.
+        for sl in _batch_slices(q, k, v, whole=want_dh):
+            part = (raw[sl], scale, _part(keep, sl), _part(bias, sl), m[sl], s[sl])
+            d_o = d_out[sl]
+            if need_v:
+                p = recompute(*part, _part(drop, sl), keep_prob, params)
+                dvs.append(torch.matmul(p.to(d_o.dtype).transpose(-2, -1), d_o))
+                del p
+            dp = torch.matmul(d_o, v[sl].transpose(-2, -1))
+            d_raw, d_h, d_par = grad(*part, dp, _part(drop, sl), keep_prob, want_dh, params)
+            del dp
+            d_raw = d_raw.to(q.dtype)
+            if need_q:
+                dqs.append(torch.matmul(d_raw, k[sl]))
+            if need_k:
+                dks.append(torch.matmul(d_raw.transpose(-2, -1), q[sl]))
+            d_params = d_par if d_params is None else d_params + d_par
+
+        def join(parts: list[Tensor], like: Tensor) -> Tensor | None:
+            if not parts:
+                return None
+            return _sum_to(parts[0] if len(parts) == 1 else torch.cat(parts), like.shape)
+
+        dq, dk, dv = join(dqs, q), join(dks, k), join(dvs, v)
+        d_bias = _sum_to(d_h, bias.shape).to(bias.dtype) if want_dh else None
         grads, offset = [], 0
         for param in params:
             n = param.numel()
@@ -348,12 +395,16 @@ def fused_attention(
         t is not None and t.requires_grad for t in (q, k, v, bias, *params)
     )
     if not needs_grad:
-        raw = torch.matmul(q, k.transpose(-2, -1))
-        p = kernel(_inference_kernel, sigma, compiled)(raw, scale, keep, bias, params)
-        del raw
-        if dropout_p > 0:
-            p = torch.nn.functional.dropout(p, dropout_p, training=True)
-        return torch.matmul(p.to(v.dtype), v)
+        outs = []
+        infer = kernel(_inference_kernel, sigma, compiled)
+        for sl in _batch_slices(q, k, v):
+            raw = torch.matmul(q[sl], k[sl].transpose(-2, -1))
+            p = infer(raw, scale, _part(keep, sl), _part(bias, sl), params)
+            del raw
+            if dropout_p > 0:
+                p = torch.nn.functional.dropout(p, dropout_p, training=True)
+            outs.append(torch.matmul(p.to(v.dtype), v[sl]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
     return FusedSigmaSoftmaxAttention.apply(
         q, k, v, keep, bias, dropout_p, scale, sigma, compiled, *params
     )

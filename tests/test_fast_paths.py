@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import multimax
+import multimax.fused
 from multimax import attention, build_normalizer
 from multimax.attention import (
     ATTENTION_PATHS,
@@ -328,3 +329,42 @@ def test_auto_takes_flex_on_cuda_and_fused_kernels_compile_there():
         lambda: fused_attention(q, k, v, normalizer, scale=0.25, compiled=True), q, k, v, normalizer
     )
     assert_same(fast, ref, tol=1e-4)
+
+
+@pytest.mark.parametrize("mask_name", ["bool", "additive", "causal+padding"])
+def test_fused_in_batch_slices_equals_reference(monkeypatch, mask_name):
+    """Small SLICE_SCORES: forward, backward and inference run one batch item at a time."""
+    monkeypatch.setattr(multimax.fused, "SLICE_SCORES", 1)
+    normalizer = NORMALIZERS["multimax2"]()
+    q, k, v = inputs(n=7)
+    mask, causal = masks(2, 7, 7)[mask_name]
+    ref = run_with_grads(
+        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="reference"),
+        q,
+        k,
+        v,
+        normalizer,
+    )
+    fast = run_with_grads(
+        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="fused"),
+        q,
+        k,
+        v,
+        normalizer,
+    )
+    assert_same(fast, ref)
+    with torch.no_grad():
+        infer = attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="inference")
+    torch.testing.assert_close(infer, ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_with_keys_shared_across_the_batch(monkeypatch):
+    monkeypatch.setattr(multimax.fused, "SLICE_SCORES", 1)
+    normalizer = NORMALIZERS["multimax1"]()
+    q = inputs(b=3, n=5)[0]
+    k, v = (t[:1].detach().clone().requires_grad_() for t in inputs(b=1, n=5, seed=3)[1:])
+    ref = run_with_grads(
+        lambda: attention(q, k, v, normalizer, impl="reference"), q, k, v, normalizer
+    )
+    fast = run_with_grads(lambda: attention(q, k, v, normalizer, impl="fused"), q, k, v, normalizer)
+    assert_same(fast, ref)
