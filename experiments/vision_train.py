@@ -387,6 +387,10 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
     run_dir = Path(run_dir)
+    if ctx.is_distributed:  # a ${now:...} run dir may differ by a second between processes
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     if ctx.is_main:
         runtime.atomic_write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     parts = build_parts(cfg, ctx)
@@ -412,6 +416,7 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
     metrics: dict[str, float] = dict(state.get("last_eval", {})) if state else {}
     start_wall, start_step = time.perf_counter(), step
     window_time, window_images = time.perf_counter(), 0
+    train_images, train_seconds = 0, 0.0  # images/s over training steps only
     if ctx.is_main:
         print(
             f"training {cfg.model.name} ({sum(p.numel() for p in parts.model.parameters()):,} "
@@ -440,6 +445,8 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
                 if step % every_log == 0 or batches_done == data.steps_per_epoch:
                     now = time.perf_counter()
                     rate = window_images / max(now - window_time, 1e-9)
+                    train_images += window_images
+                    train_seconds += now - window_time
                     eta = (now - start_wall) / (step - start_step) * (total - step)
                     lr = parts.optimizer.param_groups[0]["lr"]
                     window_time, window_images = now, 0
@@ -493,6 +500,7 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
         runtime.finish_wandb(wandb_run)
         raise
     wall = time.perf_counter() - start_wall
+    mean_rate = train_images / max(train_seconds, 1e-9)
     if not ctx.is_main:
         return None
     attn_paths = ", ".join(parts.model.attention_paths()) or "unknown"
@@ -508,15 +516,16 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
         steps=step,
         wall_seconds=wall,
         profile=str(cfg.profile.name),
-        metrics={**metrics, "best_top1": best["top1"], "attention_path": attn_paths},
+        metrics={**metrics, "best_top1": best["top1"], "train_images_per_s": mean_rate},
     )
     runtime.write_results(run_dir, result, cfg)
     if wandb_run is not None:
-        wandb_run.summary.update({k: v for k, v in result.metrics.items()})
+        wandb_run.summary.update({**result.metrics, "attention_path": attn_paths})
     runtime.finish_wandb(wandb_run)
     print(
         f"done: top1 {result.metric_value:.2f} top5 {metrics.get('top5', float('nan')):.2f} "
-        f"in {_duration(wall)} -> {run_dir / runtime.RESULTS_FILE} | attention path: {attn_paths}"
+        f"in {_duration(wall)}, {mean_rate:,.0f} train img/s -> {run_dir / runtime.RESULTS_FILE}"
+        f" | attention path: {attn_paths}"
     )
     return result
 
