@@ -197,6 +197,9 @@ def _eval_common(cfg: DictConfig, checkpoint: Path, cuda: bool) -> list[str]:
     if uses_plugin(cfg) or plugin_available():
         args += ["--user-dir", str(PLUGIN_DIR)]
     args += ["--distributed-world-size", "1", "--log-format", "simple", "--no-progress-bar"]
+    # fairseq's default multiple of 8 silently drops the last sentences of a test set whose
+    # size is not a multiple of 8 from the batches (seen with fairseq-generate 0.12.3.1)
+    args += ["--required-batch-size-multiple", "1"]
     args += ["--seed", str(cfg.seed)]
     if not cuda:
         args.append("--cpu")
