@@ -184,7 +184,7 @@ def plot_layer_statistics(stats: Mapping[str, Sequence[Mapping[str, float]]], ti
     for ax, (key, label) in zip(axes, STATISTICS, strict=True):
         for name, layers in stats.items():
             ax.plot(range(1, len(layers) + 1), [s[key] for s in layers], marker="o", label=name)
-        ax.set_xlabel("attention layer")
+        ax.set_xlabel("attention layer (call order)")
         ax.set_ylabel(label)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
@@ -299,8 +299,42 @@ def _load_vision(run_dir: Path, num_images: int = 64, batch_size: int = 32) -> A
     return AnalysedRun(model, batches, images[picks], cfg.data.mean, cfg.data.std)
 
 
-# task -> loader of a trained run (LM / MT: to add when their loaders exist)
-MODEL_LOADERS: dict[str, Callable[[Path], AnalysedRun]] = {"image_classification": _load_vision}
+def _load_fairseq(run_dir: Path, num_batches: int = 4, max_tokens: int = 1024) -> AnalysedRun:
+    """A fairseq run's best checkpoint (through the plugin) and the first batches of its
+    validation split; fairseq's ``net_input`` dicts are the model's keyword arguments."""
+    import argparse
+
+    from fairseq import checkpoint_utils, utils
+
+    from multimax.integrations.fairseq_plugin.checkpoints import load_fairseq_checkpoint
+
+    plugin = Path(multimax.__file__).parent / "integrations" / "fairseq_plugin"
+    utils.import_user_module(argparse.Namespace(user_dir=str(plugin)))
+    checkpoints = run_dir / "checkpoints"
+    path = next((checkpoints / n for n in ("checkpoint_best.pt", "checkpoint_last.pt")
+                 if (checkpoints / n).exists()), None)  # fmt: skip
+    if path is None:
+        raise FileNotFoundError(f"no fairseq checkpoint in {checkpoints}")
+    data = Path(load_fairseq_checkpoint(str(path))["cfg"]["task"]["data"])
+    if not data.is_absolute() and not data.exists():
+        data = Path(__file__).resolve().parents[1] / data  # relative to the repository
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(path)], arg_overrides={"data": str(data)}
+    )
+    task.load_dataset("valid")
+    batches = task.get_batch_iterator(
+        task.dataset("valid"), max_tokens=max_tokens, max_sentences=16, seed=0
+    ).next_epoch_itr(shuffle=False)
+    inputs = [sample["net_input"] for _, sample in zip(range(num_batches), batches)]
+    return AnalysedRun(models[0].eval(), inputs)
+
+
+# task -> loader of a trained run
+MODEL_LOADERS: dict[str, Callable[[Path], AnalysedRun]] = {
+    "image_classification": _load_vision,
+    "language_model": _load_fairseq,
+    "translation": _load_fairseq,
+}
 
 
 @dataclass
@@ -376,6 +410,12 @@ def analyze_runs(paths: Sequence[str | Path], out: str | Path) -> list[Figure]:
     return figures
 
 
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        return len(next(iter(batch.values())))
+    return len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
 def _model_figures(
     task: str, profile: str, model_name: str, by_label: Mapping[str, Path], out: Path
 ) -> list[Figure]:
@@ -387,11 +427,11 @@ def _model_figures(
         print(f"[analyze] {model_name} {label}: {run_dir}", flush=True)
         try:
             loaded = MODEL_LOADERS[task](run_dir)
-        except (FileNotFoundError, KeyError, RuntimeError) as err:
+            stats[label] = layer_statistics(loaded.model, loaded.batches)
+        except Exception as err:  # noqa: BLE001 - one unreadable run must not stop the others
             print(f"[analyze] {run_dir}: no model to analyse ({err})", file=sys.stderr)
             continue
-        stats[label] = layer_statistics(loaded.model, loaded.batches)
-        n_inputs = sum(len(b[0] if isinstance(b, (tuple, list)) else b) for b in loaded.batches)
+        n_inputs = sum(_batch_size(b) for b in loaded.batches)
         if curves := sigma_curves(loaded.model):
             sigmas[label] = curves
         if loaded.images is not None:
@@ -403,8 +443,9 @@ def _model_figures(
         fig = Figure(
             out / f"attention_statistics_{stem}",
             f"Per-layer attention statistics of {model_name}{tag} on {n_inputs} evaluation "
-            "images, one line per normaliser: sparsity (share of weights below 1e-3; share "
-            "of exact zeros), multi-modality (entries with at least half the row's largest "
+            "inputs (attention calls in layer order; causal masks excluded, padding, if "
+            "any, counted as zeros), one line per normaliser: sparsity (share of weights "
+            "below 1e-3; share of exact zeros), multi-modality (entries with at least half the row's largest "
             "weight; second over first largest weight) and entropy, averaged over heads and "
             "query rows.",
         )
