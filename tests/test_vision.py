@@ -264,3 +264,23 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(uninterrupted,
         json.loads(x)["step"] for x in (tmp_path / runtime.METRICS_LOG).read_text().splitlines()
     ]
     assert steps == sorted(steps)  # lines after step 11 were dropped, then rewritten once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("normalizer", ["softmax", "multimax"])
+def test_full_smoke_profile_learns_the_digits_within_five_minutes(normalizer, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.vision",
+        "experiment=deit_tiny_imagenet",
+        "profile=smoke",
+        f"normalizer={normalizer}",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["metric_value"] > 60  # chance: 10 %
+    assert "train img/s" in done.stdout and "attention path:" in done.stdout
