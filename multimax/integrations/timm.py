@@ -105,7 +105,7 @@ class NormalizedAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
         if not torch.compiler.is_compiling():
-            key = (self.training, torch.is_grad_enabled(), q.dtype, q.device.type, q.shape[-2])
+            key = (self.training, torch.is_grad_enabled(), q.dtype, q.device.type, q.shape)
             if key != self._path_key:  # the choice depends on these only: resolve on change
                 self.attention_path = self._resolve_path(q, k, v, dropout_p)
                 self._path_key = key
