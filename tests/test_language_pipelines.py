@@ -285,7 +285,8 @@ def test_mt_smoke_end_to_end_writes_bleu(tmp_path):
             "data.corpus.generate.n_train=400", "data.corpus.generate.n_valid=10",
             "data.corpus.generate.n_test=10", "data.recipe.bpe_symbols=100",
             "train.max_update=8", "train.max_tokens=1024", "train.log_interval=4",
-            "evaluate.args.beam=2", f"data.root={tmp_path}", f"hydra.run.dir={run_dir}",
+            "evaluate.args.beam=2", "+evaluate.args.max_len_b=12", f"data.root={tmp_path}",
+            f"hydra.run.dir={run_dir}",
         ],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
