@@ -8,8 +8,10 @@ For scores R = q·kᵀ, x = R · scale, H = σ(x) + bias (masked entries −∞)
     dθ = Σ dH ⊙ ∂σ/∂θ(x)       (θ: σ's parameters, e.g. MultiMax's a_k, b_k, c_k, d_k)
 
 The forward saves R (one N×M tensor, as eager attention saves its P) and the rows' m and s;
-the backward recomputes σ, σ' and P from them point-wise (bit for bit as in the forward), so the
-peak is three N×M tensors, as in eager softmax attention. The point-wise work (σ, masking,
+the backward recomputes σ, σ' and P from them point-wise (bit for bit as in the forward).
+Forward and backward walk the batch in slices (``SLICE_SCORES`` entries each), so besides R
+only one slice's P, dP and dR exist at a time: the peak is below eager softmax attention's
+(P, dP and dS at full size). The point-wise work (σ, masking,
 softmax; σ', dH and the parameter sums) lives in small kernel functions; they run through
 ``torch.compile`` (one fused loop each, dynamic shapes) when :func:`use_compiled_kernels`
 says so, else as plain PyTorch (same math, slower). Matrix products stay in eager BLAS.
@@ -168,17 +170,11 @@ def _inference_kernel(sigma, raw, scale, keep, bias, params):
     return _probs_kernel(sigma, raw, scale, keep, bias, params)[0]
 
 
-def _recompute_probs_kernel(sigma, raw, scale, keep, bias, m, s, drop, keep_prob, params):
-    """P (with dropout applied: P ⊙ M / (1 − p)) from the saved scores, m and s."""
-    p = torch.exp(_scores(sigma, raw, scale, keep, bias, params) - m) / s
-    if drop is not None:
-        p = p * drop / keep_prob
-    return p
-
-
-def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, want_dh, params):
-    """(dR, dH or None, dθ): dR = scale · σ'(x) ⊙ dH; dH only when ``want_dh`` (an additive
-    mask's gradient), since every returned N×M tensor is one more at the backward's peak."""
+def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, want, params):
+    """(P for dv or None, dR, dH or None, dθ): dR = scale · σ'(x) ⊙ dH. ``want`` = (P, dH):
+    each returned N×M tensor is one more at the backward's peak, so only when needed
+    (P when v needs a gradient, dH for an additive mask's gradient)."""
+    want_p, want_dh = want
     x = upcast(raw) * scale
     h = sigma.forward(x, *params)
     if bias is not None:
@@ -186,6 +182,9 @@ def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, want_
     if keep is not None:
         h = h.masked_fill(~keep, float("-inf"))
     p = torch.exp(h - m) / s
+    p_out = None
+    if want_p:
+        p_out = p if drop is None else p * drop / keep_prob
     if drop is not None:
         dp = dp * drop / keep_prob
     dp = upcast(dp)
@@ -193,7 +192,7 @@ def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, want_
     # arithmetic but cancels badly when σ steepens the scores).
     dh = p * (dp - (p * dp).sum(-1, keepdim=True))
     dx, dparams = sigma.backward(x, dh, *params)
-    return dx * scale, (dh if want_dh else None), dparams
+    return p_out, dx * scale, (dh if want_dh else None), dparams
 
 
 _COMPILED: dict[tuple[str, str], Callable] = {}
@@ -330,20 +329,29 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
         want_dh = bias is not None and ctx.needs_input_grad[4]
         dqs, dks, dvs = [], [], []
         d_params = d_h = None
-        recompute = kernel(_recompute_probs_kernel, sigma, compiled)
         grad = kernel(_grad_kernel, sigma, compiled)
-        # One batch slice at a time (the whole batch when a bias gradient is wanted): at most
-        # R plus one slice's P or dP and dR are alive.
+        # One batch slice at a time (the whole batch when a bias gradient is wanted): besides
+        # R, only one slice's dP, P and dR are alive.
         for sl in _batch_slices(q, k, v, whole=want_dh):
-            part = (raw[sl], scale, _part(keep, sl), _part(bias, sl), m[sl], s[sl])
             d_o = d_out[sl]
+            dp = torch.matmul(d_o, v[sl].transpose(-2, -1))
+            p, d_raw, d_h, d_par = grad(
+                raw[sl],
+                scale,
+                _part(keep, sl),
+                _part(bias, sl),
+                m[sl],
+                s[sl],
+                dp,
+                _part(drop, sl),
+                keep_prob,
+                (need_v, want_dh),
+                params,
+            )
+            del dp
             if need_v:
-                p = recompute(*part, _part(drop, sl), keep_prob, params)
                 dvs.append(torch.matmul(p.to(d_o.dtype).transpose(-2, -1), d_o))
                 del p
-            dp = torch.matmul(d_o, v[sl].transpose(-2, -1))
-            d_raw, d_h, d_par = grad(*part, dp, _part(drop, sl), keep_prob, want_dh, params)
-            del dp
             d_raw = d_raw.to(q.dtype)
             if need_q:
                 dqs.append(torch.matmul(d_raw, k[sl]))
