@@ -80,6 +80,7 @@ class Row:
     fwd: Callable[[], object] | None
     fwd_bwd: Callable[[], object] | None = None
     note: str = ""
+    reset: Callable[[], None] | None = None  # drops the last run's gradients before a peak
     times: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fwd_bwd": []})
     peak: dict[str, float] = field(default_factory=dict)
 
@@ -108,6 +109,10 @@ def measure(rows: list[Row], warmup: int, repeats: int, device: torch.device, la
         eta = elapsed / (rep + 1) * (repeats - rep - 1)
         print(f"[benchmark] {label}: round {rep + 1}/{repeats}, {elapsed:.0f}s, ETA {eta:.0f}s")
     for row, what in jobs:
+        if row.reset is not None:
+            # Frees of blocks allocated before the profiler started are not all reported,
+            # so the last run's gradients are dropped before the measured call.
+            row.reset()
         row.peak[what] = peak_bytes(getattr(row, what), device) / MIB
 
 
@@ -183,10 +188,13 @@ def attention_section(cfg, shape_name, shape, device, dtype, mm) -> tuple[list[R
     softmax = multimax.build_normalizer("softmax")
     leaves = [q, k, v, *mm.parameters()]
 
+    def clear() -> None:
+        for t in leaves:
+            t.grad = None
+
     def with_backward(forward: Callable[[], Tensor]) -> Callable[[], None]:
         def run() -> None:
-            for t in leaves:
-                t.grad = None
+            clear()
             forward().backward(grad_out)
 
         return run
@@ -227,7 +235,7 @@ def attention_section(cfg, shape_name, shape, device, dtype, mm) -> tuple[list[R
         if name == "multimax/auto":
             note = f"auto → {select_path(probe)}"
         fwd = make()
-        rows.append(Row(f"{name}", kind, fwd, with_backward(fwd), note))
+        rows.append(Row(f"{name}", kind, fwd, with_backward(fwd), note, reset=clear))
 
     inference = []
     for name in cfg.attention.inference_rows:
@@ -267,7 +275,11 @@ def output_section(cfg, device, mm) -> list[Row]:
                 t.grad = None
             loss_fn(logits, target).backward()
 
-        rows.append(Row(name, kind, None, run, "σ + cross-entropy, label smoothing"))
+        def clear() -> None:
+            for t in (logits, *mm.parameters()):
+                t.grad = None
+
+        rows.append(Row(name, kind, None, run, "σ + cross-entropy, label smoothing", reset=clear))
     return rows
 
 
@@ -317,7 +329,7 @@ def model_section(cfg, device) -> tuple[list[Row], list[str]]:
     g = torch.Generator().manual_seed(3)
     name_mm = runtime.normalizer_options(cfg, "attention")[0]
 
-    def train_step(model: nn.Module, batch: Tensor, target: Tensor, loss_fn) -> Callable[[], None]:
+    def train_step(model: nn.Module, batch: Tensor, target: Tensor, loss_fn):
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step() -> None:
@@ -326,7 +338,7 @@ def model_section(cfg, device) -> tuple[list[Row], list[str]]:
             loss.backward()
             optim.step()
 
-        return step
+        return step, lambda: optim.zero_grad(set_to_none=True)
 
     def model_vocab(model: nn.Module) -> int:
         return model.head.out_features if hasattr(model.head, "out_features") else 1000
@@ -344,7 +356,7 @@ def model_section(cfg, device) -> tuple[list[Row], list[str]]:
                     "deit_small_gap_patch16_224", normalizer=kind, output_normalizer=kind
                 ).to(device)
                 loss_fn = multimax.build_loss(model.output_normalizer, label_smoothing=0.1)
-                step = train_step(model, images, labels, loss_fn)
+                step, clear = train_step(model, images, labels, loss_fn)
                 label = "softmax" if kind == "softmax" else "multimax"
                 rows.append(
                     Row(
@@ -353,6 +365,7 @@ def model_section(cfg, device) -> tuple[list[Row], list[str]]:
                         None,
                         step,
                         f"timm deit_small_gap_patch16_224, batch {mc.deit_small.batch}, AdamW step",
+                        reset=clear,
                     )
                 )
         except ImportError as err:
@@ -368,9 +381,8 @@ def model_section(cfg, device) -> tuple[list[Row], list[str]]:
                 f"stand-in causal LM ({lm.layers} layers, dim {lm.dim}, {lm.heads} heads, "
                 f"{lm.batch}×{lm.tokens} tokens, vocab {lm.vocab}), AdamW step"
             )
-            rows.append(
-                Row(f"lm/{label}", label, None, train_step(model, tokens, tokens, loss_fn), note)
-            )
+            step, clear = train_step(model, tokens, tokens, loss_fn)
+            rows.append(Row(f"lm/{label}", label, None, step, note, reset=clear))
     return rows, notes
 
 
