@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections import defaultdict
@@ -33,6 +34,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import turns on DEBUG
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -196,7 +198,7 @@ def plot_layer_statistics(stats: Mapping[str, Sequence[Mapping[str, float]]], ti
 
 def plot_sigma_curves(curves: Mapping[str, Sequence[tuple[str, Tensor, Tensor]]], title: str):
     """One panel per model with MultiMax modules: σ(x) of each module against y = x."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(7.5 * len(curves), 4), squeeze=False)
     for ax, (name, layers) in zip(axes[0], curves.items(), strict=True):
         cmap = plt.get_cmap("viridis", max(len(layers), 2))
         for i, (module, x, y) in enumerate(layers):
@@ -207,7 +209,7 @@ def plot_sigma_curves(curves: Mapping[str, Sequence[tuple[str, Tensor, Tensor]]]
         ax.set_ylabel("σ(x)")
         ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -308,6 +310,7 @@ def _load_fairseq(run_dir: Path, num_batches: int = 4, max_tokens: int = 1024) -
 
     from multimax.integrations.fairseq_plugin.checkpoints import load_fairseq_checkpoint
 
+    logging.getLogger("fairseq").setLevel(logging.WARNING)  # its INFO lines drown ours
     plugin = Path(multimax.__file__).parent / "integrations" / "fairseq_plugin"
     utils.import_user_module(argparse.Namespace(user_dir=str(plugin)))
     checkpoints = run_dir / "checkpoints"

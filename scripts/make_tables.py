@@ -80,6 +80,10 @@ TABLES: tuple[TableSpec, ...] = (
 )
 
 
+# The order of the tables in ``tables.md``: the paper's, then the mechanism study.
+PAPER_ORDER = ("imagenet_top1", "wikitext103_ppl", "iwslt14_bleu", "wmt_bleu", "mechanism")
+
+
 @dataclass
 class Run:
     """The fields of one run that the tables use."""
@@ -515,7 +519,11 @@ def write_tables(
     out = Path(out)
     written, sections = [], []
     specs = {s.key: s for s in TABLES}
-    for (key, profile), rows in sorted(tables.items(), key=lambda kv: (kv[0][1] != "paper", kv[0])):
+    order = {k: i for i, k in enumerate(PAPER_ORDER)}
+    for (key, profile), rows in sorted(
+        tables.items(),
+        key=lambda kv: (kv[0][1] != "paper", kv[0][1], order.get(kv[0][0], 99), kv[0]),
+    ):
         spec = specs.get(key) or TableSpec(key, key, rows[0].metric_name, ())
         stem = key if profile == "paper" else f"{key}_{profile}"
         md = to_markdown(spec, profile, rows)
