@@ -146,12 +146,13 @@ def test_figures_of_trained_vision_runs(tmp_path: Path) -> None:
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     figures = analyze.analyze_runs([tmp_path / "runs"], tmp_path / "figures")
+    model = json.loads((tmp_path / "runs" / "softmax" / "results.json").read_text())["model"]
     names = {f.stem.name for f in figures}
     assert names == {
         "training_curves_image_classification_smoke",
-        "attention_statistics_deit_smoke_gap_patch4_32_smoke",
-        "sigma_curves_deit_smoke_gap_patch4_32_smoke",
-        "attention_maps_deit_smoke_gap_patch4_32_smoke",
+        f"attention_statistics_{model}_smoke",
+        f"sigma_curves_{model}_smoke",
+        f"attention_maps_{model}_smoke",
     }
     for fig in figures:
         with Image.open(fig.stem.with_suffix(".png")) as image:
