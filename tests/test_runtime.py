@@ -60,7 +60,7 @@ def test_results_round_trip_and_broken_files(tmp_path):
 
 def compose_normalizer(*overrides):
     with initialize_config_dir(str(CONFIGS), version_base=None):
-        cfg = compose("common", overrides=list(overrides))
+        cfg = compose("suite", overrides=list(overrides))
     OmegaConf.set_struct(cfg, False)
     return OmegaConf.merge(cfg, {"model": {"output_normalizer": "${normalizer.name}"}})
 

@@ -1,0 +1,31 @@
+"""Test-wide isolation of process-global state that real components keep.
+
+Hydra keeps its version base and its initialised search path in process-wide singletons.
+Importing any of our Hydra apps sets the version base to 1.3 (``@hydra.main(version_base=
+None)`` does so at decoration time), while fairseq 0.12, used in-process by the plugin tests,
+still calls Hydra's pre-1.2 ``hydra.experimental.initialize``, which raises under a 1.2+
+base. So: fairseq tests run under the 1.1 base fairseq was written for, and every test leaves
+the singletons as it found them.
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_hydra_singletons(request):
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.version import VersionBase
+    from packaging.version import Version
+
+    version = VersionBase.instance()
+    saved = version.version_base
+    if "fairseq" in request.module.__name__:
+        version.version_base = Version("1.1")
+    yield
+    version.version_base = saved
+    GlobalHydra.instance().clear()
