@@ -109,8 +109,9 @@ def plugin_flags(
 ) -> list[str]:
     """The plugin's flags for these normalisers: the same list as the plugin's
     ``normalizer_cli_args`` (a test checks), built without importing fairseq here: importing
-    it registers fairseq's ``common`` schema in Hydra's ConfigStore, which would then clash
-    with our ``configs/common.yaml`` in every later composition of this process (multirun)."""
+    it registers fairseq's schemas in Hydra's ConfigStore (``model/transformer_lm``, ...),
+    which would shadow our config files of the same names in every later composition of
+    this process (Hydra multirun)."""
     merged: dict[str, Any] = {"order": 2, "temperature": 1.0, "learn_temperature": False}
     seen: dict[str, Any] = {}
     for options in (attn_opts, out_opts):
