@@ -498,7 +498,7 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
         f"{result.wall_seconds:.0f} s -> {path}",
         flush=True,
     )
-    runtime.finish_wandb(wandb_run)
+    runtime.finish_wandb(wandb_run, result)
     return result
 
 

@@ -112,7 +112,6 @@ def train(cfg: DictConfig) -> dict:
     )
     if wandb_run is not None:
         wandb_run.log({f"eval/{k}": v for k, v in results.items()}, step=steps)
-    runtime.finish_wandb(wandb_run)
 
     k = min(cfg.eval.examples_to_save, len(eval_data))
     with torch.no_grad():
@@ -133,24 +132,22 @@ def train(cfg: DictConfig) -> dict:
         "normalizer_parameters": learned,
     }
     runtime.atomic_write_text(run_dir / "inspect.json", json.dumps(inspect) + "\n")
-    runtime.write_results(
-        run_dir,
-        runtime.RunResult(
-            task=cfg.task,
-            dataset=cfg.data.name,
-            model=cfg.model.name,
-            normalizer=name,
-            output_normalizer=runtime.normalizer_options(cfg, "output")[0],
-            seed=cfg.seed,
-            metric_name="task_error",
-            metric_value=results["task_error"],
-            steps=steps,
-            wall_seconds=wall,
-            profile=cfg.profile.name,
-            metrics=results,
-        ),
-        cfg,
+    result = runtime.RunResult(
+        task=cfg.task,
+        dataset=cfg.data.name,
+        model=cfg.model.name,
+        normalizer=name,
+        output_normalizer=runtime.normalizer_options(cfg, "output")[0],
+        seed=cfg.seed,
+        metric_name="task_error",
+        metric_value=results["task_error"],
+        steps=steps,
+        wall_seconds=wall,
+        profile=cfg.profile.name,
+        metrics=results,
     )
+    runtime.write_results(run_dir, result, cfg)
+    runtime.finish_wandb(wandb_run, result)
     return results
 
 

@@ -249,10 +249,17 @@ def init_wandb(
     return run
 
 
-def finish_wandb(run) -> None:
-    """Finish the run and, when offline, print the one-line command that uploads it."""
+def finish_wandb(run, result: RunResult | None = None) -> None:
+    """Finish the run and, when offline, print the one-line command that uploads it.
+
+    With ``result``, the run summary gets the same fields as ``results.json`` (minus the
+    config, which W&B already holds), so tables can be made from W&B alone.
+    """
     if run is None:
         return
+    if result is not None:
+        summary = {k: v for k, v in asdict(result).items() if k not in ("config", "metrics")}
+        run.summary.update({**summary, **{f"metrics/{k}": v for k, v in result.metrics.items()}})
     offline = run.settings.mode == "offline" if hasattr(run.settings, "mode") else False
     run_path = getattr(run.settings, "sync_dir", None)
     run.finish()

@@ -521,7 +521,7 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
     runtime.write_results(run_dir, result, cfg)
     if wandb_run is not None:
         wandb_run.summary.update({**result.metrics, "attention_path": attn_paths})
-    runtime.finish_wandb(wandb_run)
+    runtime.finish_wandb(wandb_run, result)
     print(
         f"done: top1 {result.metric_value:.2f} top5 {metrics.get('top5', float('nan')):.2f} "
         f"in {_duration(wall)}, {mean_rate:,.0f} train img/s -> {run_dir / runtime.RESULTS_FILE}"

@@ -99,7 +99,23 @@ def test_wandb_offline_run_resumes_with_the_same_id(tmp_path, monkeypatch):
     first_id = run.id
     assert "normalizer=multimax" in run.tags
     run.log({"loss": 1.0})
-    runtime.finish_wandb(run)
+    result = runtime.RunResult(
+        task="unit",
+        dataset="d",
+        model="m",
+        normalizer="multimax",
+        output_normalizer="multimax",
+        seed=0,
+        metric_name="top1",
+        metric_value=12.5,
+        steps=3,
+        wall_seconds=1.0,
+        metrics={"top5": 50.0},
+    )
+    runtime.finish_wandb(run, result)
+    # offline runs keep the summary in the run's protobuf log: its keys appear there verbatim
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"metric_value" in log.read_bytes() and b"metrics/top5" in log.read_bytes()
     run = runtime.init_wandb(cfg, tmp_path, name="again")
     assert run.id == first_id
     runtime.finish_wandb(run)
