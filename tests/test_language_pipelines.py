@@ -102,7 +102,7 @@ def test_paper_recipes_are_fairseqs():
     for piece in [
         "--arch multimax_transformer_lm",
         "--share-decoder-input-output-embed",
-        "--optimizer adam --adam-betas (0.9, 0.98) --weight-decay 0.01",
+        "--optimizer multimax_adam --adam-betas (0.9, 0.98) --weight-decay 0.01",
         "--lr 0.0005 --lr-scheduler inverse_sqrt --warmup-updates 4000",
         "--tokens-per-sample 512 --sample-break-mode none",
         "--max-tokens 2048 --update-freq 16 --max-update 50000",
