@@ -291,6 +291,24 @@ def record_attention() -> Iterator[list[Tensor]]:
         _recording.sink = previous
 
 
+def _prepare(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    normalizer: Normalizer | str | None,
+    mask: Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+) -> AttentionInputs:
+    if not isinstance(normalizer, Normalizer):
+        normalizer = build_normalizer(normalizer)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    keep, bias = split_mask(mask, q.dtype)
+    return AttentionInputs(q, k, v, normalizer, keep, bias, is_causal, dropout_p, scale)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -309,12 +327,8 @@ def attention(
     ``dropout_p``: dropout on the weights, applied whenever > 0 (pass 0 at evaluation).
     ``scale``: defaults to 1/√D. ``impl``: ``"auto"`` or a name in ``ATTENTION_PATHS``.
     """
-    if not isinstance(normalizer, Normalizer):
-        normalizer = build_normalizer(normalizer)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    keep, bias = split_mask(mask, q.dtype)
-    inputs = AttentionInputs(q, k, v, normalizer, keep, bias, is_causal, dropout_p, scale)
+    inputs = _prepare(q, k, v, normalizer, mask, is_causal, dropout_p, scale)
+    normalizer = inputs.normalizer
     sink = getattr(_recording, "sink", None)
     if sink is not None:
         weights = attention_weights(inputs)
@@ -351,11 +365,6 @@ def attention_with_weights(
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(output, weights) through the reference path, for diagnostics and analysis."""
-    if not isinstance(normalizer, Normalizer):
-        normalizer = build_normalizer(normalizer)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    keep, bias = split_mask(mask, q.dtype)
-    inputs = AttentionInputs(q, k, v, normalizer, keep, bias, is_causal, 0.0, scale)
+    inputs = _prepare(q, k, v, normalizer, mask, is_causal, 0.0, scale)
     weights = attention_weights(inputs)
     return torch.matmul(weights.to(v.dtype), v), weights
