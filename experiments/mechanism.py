@@ -75,14 +75,14 @@ def train(cfg: DictConfig) -> dict:
         if step % cfg.train.log_every == 0 or step == steps:
             elapsed = time.perf_counter() - start
             rate = step / elapsed
+            loss_share = loss.item() / task.target_variance
             print(
                 f"[{label} N={task.num_items} m={task.num_relevant} seed={cfg.seed}] "
-                f"step {step}/{steps} loss/Var(y) {loss.item() / task.target_variance:.4f} "
+                f"step {step}/{steps} loss/Var(y) {loss_share:.4f} "
                 f"{rate:.0f} steps/s ETA {(steps - step) / rate:.0f}s",
                 flush=True,
             )
-            if wandb_run is not None:
-                wandb_run.log({"train/loss": loss.item()}, step=step)
+            runtime.log_metrics(run_dir, step, {"train/loss_over_var": loss_share}, wandb_run)
 
     # Held-out metrics at the training N, then at every N of eval.num_items (same model).
     results, rows = evaluate(model, task, eval_data, cfg.eval.rel_threshold)

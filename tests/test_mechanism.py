@@ -218,6 +218,8 @@ def test_tiny_multirun_writes_results_and_report(tmp_path: Path) -> None:
         assert result.profile == "smoke" and result.steps == 20
         assert result.normalizer in {"softmax", "multimax"}
         assert result.output_normalizer == "none"
+        curve = (path.parent / runtime.METRICS_LOG).read_text().splitlines()
+        assert json.loads(curve[-1])["step"] == 20  # the training curve reaches the last step
         assert math.isfinite(result.metric_value)
         assert (
             result.metric_value == result.metrics["task_error"] == result.metrics["N32/task_error"]
