@@ -40,7 +40,7 @@ from experiments.vision_data import (
     paper_steps_per_epoch,
     per_process_batch,
 )
-from multimax.integrations.timm import GapVisionTransformer, SoftTargetLoss
+from multimax.integrations.timm import GapVisionTransformer
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 STOP_EXIT_CODE = 3
@@ -113,8 +113,8 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per
 
 def build_loss(cfg: DictConfig, model: GapVisionTransformer, mixup: bool) -> nn.Module:
     """The output normaliser's loss (sharing its σ): soft targets under Mixup / CutMix."""
-    if mixup:  # Mixup applies the label smoothing itself
-        return SoftTargetLoss(model.output_normalizer)
+    if mixup:  # Mixup applies the label smoothing itself; its soft targets go to the same loss
+        return multimax.build_loss(model.output_normalizer)
     return multimax.build_loss(
         model.output_normalizer, label_smoothing=float(cfg.trainer.label_smoothing)
     )

@@ -68,8 +68,10 @@ class _FenchelYoung(torch.autograd.Function):
 class NormalizerLoss(nn.Module):
     """Training loss of an output layer whose predictive distribution is ``normalizer(z)``.
 
-    ``forward(logits, target)``: logits (..., V), integer targets (...); entries equal to
-    ``ignore_index`` contribute nothing. Computed in float32 (float64 stays float64).
+    ``forward(logits, target)``: logits (..., V) and either integer targets (...), entries
+    equal to ``ignore_index`` contributing nothing, or soft targets (..., V) whose rows are
+    distributions (e.g. from Mixup / CutMix), for which the loss is −Σ q·log p_train
+    (softmax family) or the Fenchel-Young loss with q (sparse family). Computed in float32 (float64 stays float64).
     ``chunked``: None (default) takes the chunked σ + cross-entropy when it helps (softmax of
     a point-wise σ other than plain softmax, with compiled kernels in use); True / False
     force it on / off.
@@ -112,7 +114,29 @@ class NormalizerLoss(nn.Module):
             z = z + evsoftmax_log_weights(z, epsilon=EVSOFTMAX_EPSILON)
         return z
 
+    def soft_target_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Per-row loss against target distributions q of shape (..., V)."""
+        vocab = logits.shape[-1]
+        z = _upcast(logits.reshape(-1, vocab))
+        q = target.reshape(-1, vocab).to(z.dtype)
+        if self.label_smoothing > 0:
+            q = q * (1 - self.label_smoothing) + self.label_smoothing / vocab
+        mapping = self.normalizer.mapping
+        if mapping in _FY_ALPHA:
+            return _FenchelYoung.apply(self.normalizer.transform(z), q, _FY_ALPHA[mapping])
+        return -(q * torch.log_softmax(self.training_logits(z), dim=-1)).sum(-1)
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        if target.is_floating_point():
+            if target.shape != logits.shape:
+                raise ValueError(
+                    f"soft targets must have the logits' shape {tuple(logits.shape)}, "
+                    f"got {tuple(target.shape)}; pass integer class indices otherwise"
+                )
+            loss = self.soft_target_loss(logits, target)
+            if self.reduction == "none":
+                return loss.reshape(target.shape[:-1])
+            return _reduce(loss, torch.ones_like(loss, dtype=torch.bool), self.reduction)
         vocab = logits.shape[-1]
         z = logits.reshape(-1, vocab)
         t = target.reshape(-1)

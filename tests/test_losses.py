@@ -84,3 +84,19 @@ def test_sequence_shaped_inputs_and_half_precision():
 def test_bad_label_smoothing_is_a_clear_error():
     with pytest.raises(ValueError, match="label_smoothing"):
         build_loss("softmax", label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("name", ["softmax", "evsoftmax", "multimax", "sparsemax", "entmax15"])
+def test_soft_targets_equal_integer_targets_with_label_smoothing(name):
+    torch.manual_seed(2)
+    normalizer = build_normalizer(name)
+    z, t = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    loss = build_loss(normalizer, label_smoothing=0.1)
+    torch.testing.assert_close(loss(z, F.one_hot(t, 7).float()), loss(z, t))
+    per_row = build_loss(normalizer, reduction="none")(z, F.one_hot(t, 7).float())
+    assert per_row.shape == (2, 3)
+
+
+def test_soft_targets_of_the_wrong_shape_are_a_clear_error():
+    with pytest.raises(ValueError, match="soft targets must have the logits' shape"):
+        build_loss("softmax")(torch.randn(4, 5), torch.rand(4, 3))

@@ -20,8 +20,8 @@ average: the authors' model) and :class:`NormalizedAttention` passed in through 
 The model's ``forward`` returns plain logits z. Its predictive distribution is
 ``model.output_normalizer(z)`` (:meth:`GapVisionTransformer.predict_proba`), e.g.
 MultiMax(z) = softmax(σ(z)); train it with
-``multimax.build_loss(model.output_normalizer, label_smoothing=...)`` (integer targets) or
-:class:`SoftTargetLoss` (Mixup / CutMix soft targets), which share the output layer's σ.
+``multimax.build_loss(model.output_normalizer, label_smoothing=...)``, which shares the output
+layer's σ and takes integer targets or Mixup / CutMix soft targets alike.
 With softmax / softmax the state dict is timm's, key for key.
 """
 
@@ -34,7 +34,7 @@ import torch
 from timm.layers import Attention
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor, nn
+from torch import Tensor
 
 import multimax
 from multimax.attention import AttentionInputs, select_path
@@ -226,42 +226,10 @@ def deit_smoke_gap_patch4_16(pretrained: bool = False, **kwargs: Any) -> GapVisi
     return _create("deit_smoke_gap_patch4_16", pretrained, arch, **kwargs)
 
 
-class SoftTargetLoss(nn.Module):
-    """The output normaliser's loss for soft targets q (rows of (N, V), e.g. from timm's Mixup).
-
-    softmax family: −Σ q·log softmax(t(z)) with t the normaliser's training transform
-    (σ for MultiMax); sparsemax / 1.5-entmax: the Fenchel-Young loss
-    ⟨z, p* − q⟩ − Ω(p*) + Ω(q), whose gradient is p* − q (p* held fixed: envelope theorem).
-    Reduces to :func:`multimax.build_loss` for one-hot q.
-    """
-
-    _ALPHA = {"sparsemax": 2.0, "entmax15": 1.5}
-
-    def __init__(self, normalizer: Normalizer) -> None:
-        super().__init__()
-        self.normalizer = normalizer
-        self._softmax_family = multimax.build_loss(normalizer)
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        q = target.float()
-        alpha = self._ALPHA.get(self.normalizer.mapping)
-        if alpha is None:
-            z = self._softmax_family.training_logits(logits)
-            return -(q * torch.log_softmax(z, dim=-1)).sum(-1).mean()
-        z = self.normalizer.transform(logits.float())
-        p = self.normalizer.map_to_simplex(z.detach())
-
-        def omega(r: Tensor) -> Tensor:
-            return (r.clamp_min(0).pow(alpha).sum(-1) - 1) / (alpha * (alpha - 1))
-
-        return ((z * (p - q)).sum(-1) - omega(p) + omega(q)).mean()
-
-
 __all__ = [
     "MODEL_NAMES",
     "GapVisionTransformer",
     "NormalizedAttention",
-    "SoftTargetLoss",
     "deit_small_gap_patch16_224",
     "deit_smoke_gap_patch4_16",
     "deit_tiny_gap_patch16_224",
