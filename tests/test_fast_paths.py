@@ -82,6 +82,21 @@ def run_with_grads(fn, q, k, v, normalizer, bias_param=None):
     return out.detach(), grads
 
 
+def fast_and_reference(impl, q, k, v, normalizer, mask, causal):
+    """(output, grads) of path ``impl`` and of the reference on the same inputs."""
+
+    def run(name):
+        return run_with_grads(
+            lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl=name),
+            q,
+            k,
+            v,
+            normalizer,
+        )
+
+    return run(impl), run("reference")
+
+
 def assert_same(fast, ref, tol=1e-5):
     out_f, grads_f = fast
     out_r, grads_r = ref
@@ -99,20 +114,7 @@ def test_fused_equals_reference(norm, mask_name):
     normalizer = NORMALIZERS[norm]()
     q, k, v = inputs(n=7, m=11 if mask_name != "causal+padding" else 7)
     mask, causal = masks(2, q.shape[2], k.shape[2])[mask_name]
-    ref = run_with_grads(
-        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="reference"),
-        q,
-        k,
-        v,
-        normalizer,
-    )
-    fast = run_with_grads(
-        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="fused"),
-        q,
-        k,
-        v,
-        normalizer,
-    )
+    fast, ref = fast_and_reference("fused", q, k, v, normalizer, mask, causal)
     assert_same(fast, ref)
     if mask_name == "bool":  # the empty row outputs zeros and passes no gradient
         assert fast[0][0, 0, 1].abs().max() == 0
@@ -299,20 +301,7 @@ def test_flex_gradients_equal_reference_on_cuda(norm, mask_name):
     q, k, v = inputs(n=40, d=16, device="cuda")
     mask, causal = masks(2, 40, 40)[mask_name]
     mask = None if mask is None else mask.cuda()
-    ref = run_with_grads(
-        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="reference"),
-        q,
-        k,
-        v,
-        normalizer,
-    )
-    fast = run_with_grads(
-        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="flex"),
-        q,
-        k,
-        v,
-        normalizer,
-    )
+    fast, ref = fast_and_reference("flex", q, k, v, normalizer, mask, causal)
     assert_same(fast, ref, tol=1e-4)  # TF32-free fp32, but blockwise sums reorder
 
 
@@ -338,20 +327,7 @@ def test_fused_in_batch_slices_equals_reference(monkeypatch, mask_name):
     normalizer = NORMALIZERS["multimax2"]()
     q, k, v = inputs(n=7)
     mask, causal = masks(2, 7, 7)[mask_name]
-    ref = run_with_grads(
-        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="reference"),
-        q,
-        k,
-        v,
-        normalizer,
-    )
-    fast = run_with_grads(
-        lambda: attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="fused"),
-        q,
-        k,
-        v,
-        normalizer,
-    )
+    fast, ref = fast_and_reference("fused", q, k, v, normalizer, mask, causal)
     assert_same(fast, ref)
     with torch.no_grad():
         infer = attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl="inference")
