@@ -7,8 +7,9 @@ For logits z (T, V), a point-wise σ, label smoothing ε and targets t:
     ∂loss/∂θ = Σ (softmax(h) − q) ⊙ ∂σ/∂θ(z)
 
 which is ``F.cross_entropy(σ(z), t, label_smoothing=ε)`` per token. The forward keeps only
-the logits it was given and one ℓ per token; the backward recomputes σ and softmax chunk by
-chunk and writes the logits' gradient straight into one (T, V) buffer. Autograd through the
+the logits it was given and ℓ per token (as its row max and log-sum, see the kernel); the
+backward recomputes σ and softmax chunk by chunk in float32 and writes the logits' gradient
+straight into one (T, V) buffer, rounded to the logits' dtype once. Autograd through the
 plain formula would instead keep several (T, V) tensors (σ's intermediates, its output and
 the log-softmax); here no more than the logits and their gradient exist at full size.
 """
@@ -29,27 +30,34 @@ def _ce_forward_kernel(sigma, z, target, smoothing, params):
     x = upcast(z)
     h = sigma.forward(x, *params)
     m = h.amax(-1, keepdim=True)
-    lse = m + torch.log(torch.exp(h - m).sum(-1, keepdim=True))
+    log_s = torch.log(torch.exp(h - m).sum(-1, keepdim=True))
     # σ of the gathered logit, not a gather of σ: a gather from a fused σ defeats
     # vectorisation in the compiled kernel (several times slower on the CPU).
     h_t = sigma.forward(x.gather(-1, target.unsqueeze(-1)), *params)
-    loss = lse - (1.0 - smoothing) * h_t - smoothing * h.mean(-1, keepdim=True)
-    return loss.squeeze(-1), lse.squeeze(-1)
+    loss = (m - (1.0 - smoothing) * h_t - smoothing * h.mean(-1, keepdim=True)) + log_s
+    # logsumexp kept as (m, log s), not m + log s: rounding their sum would cost
+    # p_t = exp(h_t − m − log s) the accuracy that 1 − p_t needs at a confident target.
+    return loss.squeeze(-1), torch.cat([m, log_s], dim=-1)
 
 
-def _ce_backward_kernel(sigma, z, target, lse, grad, smoothing, params):
-    """(dz without the target term, dz's target entries, dθ). With q = (1 − ε)·onehot + ε/V,
-    dh = g·(p − ε/V) − g·(1 − ε)·onehot: the one-hot part is applied to the gathered target
-    entries alone (then scattered by the caller), keeping the big loop free of indexing."""
+def _ce_backward_kernel(sigma, z, target, stats, grad, smoothing, params):
+    """(dz, dθ) of one chunk, in float32 (float64 stays float64).
+
+    dh = g·(p − q) with q = (1 − ε)·onehot(t) + ε/V, formed in one expression: at a confident
+    target p_t − 1 is exact in floating point (Sterbenz), where adding g·p_t·σ' and −g·σ'
+    computed apart cancels catastrophically. The one-hot is a comparison with the column
+    index, not a gather or scatter, so the compiled loop stays vectorised; the caller rounds
+    dz to the logits' dtype once.
+    """
     x = upcast(z)
     h = sigma.forward(x, *params)
     vocab = h.shape[-1]
-    g = grad.unsqueeze(-1)
-    dh = g * (torch.exp(h - lse.unsqueeze(-1)) - smoothing / vocab)
-    dx, dparams = sigma.backward(x, dh, *params)
-    x_t = x.gather(-1, target.unsqueeze(-1))
-    dx_t, dparams_t = sigma.backward(x_t, -(1.0 - smoothing) * g, *params)
-    return dx.to(z.dtype), dx_t.to(z.dtype), dparams + dparams_t
+    columns = torch.arange(vocab, device=h.device)
+    is_target = columns == target.unsqueeze(-1)
+    q = torch.where(is_target, 1.0 - smoothing + smoothing / vocab, smoothing / vocab)
+    p = torch.exp((h - stats[:, :1]) - stats[:, 1:])
+    dh = grad.unsqueeze(-1) * (p - q)
+    return sigma.backward(x, dh, *params)
 
 
 def _chunks(rows: int, vocab: int, chunk_rows: int | None) -> list[tuple[int, int]]:
@@ -66,29 +74,28 @@ class ChunkedSigmaCrossEntropy(torch.autograd.Function):
         safe = torch.where(valid, target, torch.zeros_like(target))
         rows, vocab = logits.shape
         loss = torch.empty(rows, dtype=upcast(logits).dtype, device=logits.device)
-        lse = torch.empty_like(loss)
+        stats = loss.new_empty(rows, 2)  # per token: row max m and log Σ exp(h − m)
         fwd = kernel(_ce_forward_kernel, sigma, compiled)
         for i, j in _chunks(rows, vocab, chunk_rows):
-            loss[i:j], lse[i:j] = fwd(logits[i:j], safe[i:j], smoothing, params)
+            loss[i:j], stats[i:j] = fwd(logits[i:j], safe[i:j], smoothing, params)
         loss = torch.where(valid, loss, torch.zeros_like(loss))
-        ctx.save_for_backward(logits, safe, valid, lse, *params)
+        ctx.save_for_backward(logits, safe, valid, stats, *params)
         ctx.meta = (sigma, smoothing, chunk_rows, compiled)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, safe, valid, lse, *params = ctx.saved_tensors
+        logits, safe, valid, stats, *params = ctx.saved_tensors
         sigma, smoothing, chunk_rows, compiled = ctx.meta
         rows, vocab = logits.shape
-        grad = torch.where(valid, grad_loss, torch.zeros_like(grad_loss)).to(lse.dtype)
+        grad = torch.where(valid, grad_loss, torch.zeros_like(grad_loss)).to(stats.dtype)
         d_logits = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         d_params = None
         bwd = kernel(_ce_backward_kernel, sigma, compiled)
         for i, j in _chunks(rows, vocab, chunk_rows):
-            dx, dx_t, dp = bwd(logits[i:j], safe[i:j], lse[i:j], grad[i:j], smoothing, params)
+            dx, dp = bwd(logits[i:j], safe[i:j], stats[i:j], grad[i:j], smoothing, params)
             if d_logits is not None:
-                d_logits[i:j] = dx
-                d_logits[i:j].scatter_add_(-1, safe[i:j].unsqueeze(-1), dx_t)
+                d_logits[i:j] = dx  # float32 -> the logits' dtype: one rounding
             d_params = dp if d_params is None else d_params + dp
         grads, offset = [], 0
         for param in params:
