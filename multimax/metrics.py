@@ -1,4 +1,5 @@
-"""Diagnostics of attention / output distributions, batched over rows.
+"""Diagnostics of attention / output distributions, batched over rows, and the
+ε-perplexity of output distributions that can give a token probability exactly 0.
 
 Every function takes probabilities ``p`` of shape (..., M) whose last dimension is one
 distribution (a row) and returns one value per row, shape (...). ``mask`` (bool, True =
@@ -7,6 +8,8 @@ valid, broadcastable to ``p``) restricts a row to its valid entries (padding exc
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -83,8 +86,35 @@ def attention_statistics(
     }
 
 
+# ε of the ε-perplexity reported by the language pipelines unless the config says otherwise.
+EPSILON_PERPLEXITY_DEFAULT = 1e-6
+
+
+def epsilon_log_likelihood(target_log_probs: Tensor, epsilon: float, vocab_size: int) -> Tensor:
+    """Per-token ε-smoothed log-likelihood log((p + ε) / (1 + ε·|V|)) from log p of the
+    target tokens (−inf where p = 0), Martins, Marinho & Martins (2020), "Sparse Text
+    Generation"; the ε-perplexity is exp(−mean of this). Computed in float64, finite for
+    every p in [0, 1] when ε > 0."""
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0 for an ε-perplexity, got {epsilon}")
+    log_p = target_log_probs.double()
+    log_eps = torch.full_like(log_p, math.log(epsilon))
+    return torch.logaddexp(log_p, log_eps) - math.log1p(epsilon * vocab_size)
+
+
+def epsilon_perplexity(target_log_probs: Tensor, epsilon: float, vocab_size: int) -> float:
+    """exp(−(1/T) Σ_t log((p(x_t) + ε) / (1 + ε·|V|))) over the T given tokens."""
+    if target_log_probs.numel() == 0:
+        raise ValueError("epsilon_perplexity of no tokens")
+    mean = epsilon_log_likelihood(target_log_probs, epsilon, vocab_size).mean()
+    return float(torch.exp(-mean))
+
+
 __all__ = [
+    "EPSILON_PERPLEXITY_DEFAULT",
     "attention_statistics",
+    "epsilon_log_likelihood",
+    "epsilon_perplexity",
     "entropy",
     "num_modes",
     "second_mode_ratio",

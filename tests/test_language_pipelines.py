@@ -3,7 +3,6 @@ runs (fairseq train -> eval-lm / generate -> results.json, resume, dry run) on t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -12,42 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from composition import compose
 from omegaconf import OmegaConf
 
 from experiments import fairseq_run
 from experiments.runtime import REPO_ROOT, read_results
 
-CONFIGS = str(REPO_ROOT / "configs")
 EXPERIMENTS = {
     "language_model": ["lm_wikitext103"],
     "translation": ["mt_iwslt14_deen", "mt_wmt14_ende"],
 }
 NORMALIZERS = ["softmax", "softmax_learned_temp", "sparsemax", "entmax15", "evsoftmax", "multimax"]
-
-
-@contextlib.contextmanager
-def _without_fairseq_schemas():
-    """Importing fairseq (other tests of this session do) stores its schemas in Hydra's
-    ConfigStore (``common``, ``model/transformer_lm``, ...), which shadow our config files of
-    the same names; hide them while composing. Our apps never import fairseq in-process."""
-    from hydra.core.config_store import ConfigStore
-
-    ours = {p.name.removesuffix(".yaml") for p in Path(CONFIGS).iterdir()}
-    repo = ConfigStore.instance().repo
-    hidden = {k: repo.pop(k) for k in list(repo) if k.removesuffix(".yaml") in ours}
-    try:
-        yield
-    finally:
-        repo.update(hidden)
-
-
-def _compose(app: str, overrides: list[str]):
-    with (
-        _without_fairseq_schemas(),
-        initialize_config_dir(config_dir=CONFIGS, version_base="1.3"),
-    ):
-        return compose(config_name=app, overrides=overrides, return_hydra_config=False)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +49,7 @@ def test_flags_match_the_plugins_own(attn, attn_opts, out, out_opts, impl):
 )
 def test_every_experiment_and_normalizer_composes(app, experiment, profile):
     for norm in NORMALIZERS:
-        cfg = _compose(
-            app, [f"experiment={experiment}", f"profile={profile}", f"normalizer={norm}"]
-        )
+        cfg = compose(app, [f"experiment={experiment}", f"profile={profile}", f"normalizer={norm}"])
         OmegaConf.resolve(cfg)
         args = fairseq_run.train_args(cfg, Path("/tmp/save"), cuda=False)
         name = cfg.normalizer.name
@@ -96,7 +68,7 @@ def test_every_experiment_and_normalizer_composes(app, experiment, profile):
 
 
 def test_paper_recipes_are_fairseqs():
-    lm = _compose("language_model", ["experiment=lm_wikitext103"])
+    lm = compose("language_model", ["experiment=lm_wikitext103"])
     args = fairseq_run.train_args(lm, Path("/s"), cuda=True)
     joined = " ".join(args)
     for piece in [
@@ -108,17 +80,20 @@ def test_paper_recipes_are_fairseqs():
         "--max-tokens 2048 --update-freq 16 --max-update 50000",
     ]:
         assert piece in joined, piece
-    assert "--fp16" in args and "--cpu" not in args
+    assert "--fp16" in args and "--fp16-no-flatten-grads" in args and "--cpu" not in args
+    assert "--task multimax_language_modeling" in joined
     ev = fairseq_run.eval_lm_args(lm, Path("/s/c.pt"), cuda=True)
     assert " ".join(ev).endswith(
         "--gen-subset test --batch-size 2 --tokens-per-sample 512 --context-window 400"
     )
 
-    mt = _compose("translation", ["experiment=mt_iwslt14_deen"])
+    mt = compose("translation", ["experiment=mt_iwslt14_deen"])
     joined = " ".join(fairseq_run.train_args(mt, Path("/s"), cuda=True))
     for piece in [
         "--arch multimax_transformer_iwslt_de_en --user-dir",
-        "--criterion multimax_label_smoothed_cross_entropy --label-smoothing 0.1",
+        "--task multimax_translation",
+        "--criterion multimax_label_smoothed_cross_entropy --eps-perplexity-epsilon 1e-06 "
+        "--label-smoothing 0.1",
         "--max-tokens 4096",
         '--eval-bleu-args {"beam": 5, "max_len_a": 1.2, "max_len_b": 10}',
         "--source-lang de --target-lang en",
@@ -128,38 +103,38 @@ def test_paper_recipes_are_fairseqs():
     gen = fairseq_run.generate_args(mt, Path("/c.pt"), Path("/r"), cuda=True)
     assert "--beam 5" in " ".join(gen) and "--remove-bpe" in gen
 
-    wmt = _compose("translation", ["experiment=mt_wmt14_ende", "train.precision=bf16"])
+    wmt = compose("translation", ["experiment=mt_wmt14_ende", "train.precision=bf16"])
     args = fairseq_run.train_args(wmt, Path("/s"), cuda=True)
     assert "--share-all-embeddings" in args and "--bf16" in args
     assert "--lenpen 0.6" in " ".join(fairseq_run.generate_args(wmt, Path("/c"), Path("/r")))
 
 
 def test_output_normalizer_override_and_stock_arch():
-    cfg = _compose(
+    cfg = compose(
         "translation", ["normalizer=multimax", "model.output_normalizer=softmax", "profile=smoke"]
     )
     args = fairseq_run.train_args(cfg, Path("/s"), cuda=False)
     assert args[args.index("--attn-normalizer") + 1] == "multimax"
     assert args[args.index("--output-normalizer") + 1] == "softmax"
     assert args[args.index("--multimax-order") + 1] == "2"
-    order1 = _compose("language_model", ["normalizer=multimax", "normalizer.order=1"])
+    order1 = compose("language_model", ["normalizer=multimax", "normalizer.order=1"])
     args = fairseq_run.train_args(order1, Path("/s"), cuda=False)
     assert args[args.index("--multimax-order") + 1] == "1"
-    stock = _compose("language_model", ["normalizer=softmax", "model.arch=transformer_lm"])
+    stock = compose("language_model", ["normalizer=softmax", "model.arch=transformer_lm"])
     assert "--attn-normalizer" not in fairseq_run.train_args(stock, Path("/s"), cuda=False)
-    bad = _compose("language_model", ["normalizer=multimax", "model.arch=transformer_lm"])
+    bad = compose("language_model", ["normalizer=multimax", "model.arch=transformer_lm"])
     with pytest.raises(ValueError, match="multimax_transformer_lm"):
         fairseq_run.train_args(bad, Path("/s"), cuda=False)
 
 
 def test_distributed_flags_follow_the_environment():
-    cfg = _compose("language_model", [])
+    cfg = compose("language_model", [])
     assert fairseq_run.distributed_flags(cfg, {}) == []
     torchrun = {"WORLD_SIZE": "8", "RANK": "3", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     assert fairseq_run.distributed_flags(cfg, torchrun) == []  # fairseq reads torchrun's env
     slurm = {"SLURM_NNODES": "4", "SLURM_JOB_ID": "7"}
     assert fairseq_run.distributed_flags(cfg, slurm) == ["--distributed-port", "12355"]
-    fixed = _compose("language_model", ["distributed.world_size=2"])
+    fixed = compose("language_model", ["distributed.world_size=2"])
     assert fairseq_run.distributed_flags(fixed, {}) == ["--distributed-world-size", "2"]
     env = {"WORLD_SIZE": "2", "RANK": "0", "PATH": os.environ["PATH"]}
     os.environ.update({"MASTER_PORT": "1"})

@@ -8,9 +8,12 @@ Registers with fairseq's own registries
   ``multimax_transformer_lm_wiki103``, ...), taking ``--attn-normalizer``,
   ``--output-normalizer``, ``--multimax-order``, ``--softmax-temperature``,
   ``--learn-temperature`` and ``--attention-impl`` (``options.py``);
-- the criterion ``multimax_label_smoothed_cross_entropy`` (``criterion.py``);
+- the criterion ``multimax_label_smoothed_cross_entropy`` (``criterion.py``), which also
+  logs the ε-perplexity and the share of zero-probability targets in validation;
 - the optimiser ``multimax_adam``: fairseq's ``adam`` without weight decay on the normaliser
-  parameters (``optim.py``);
+  parameters, under every fairseq precision flag (``optim.py``);
+- the tasks ``multimax_language_modeling`` and ``multimax_translation``: fairseq's, resumed
+  from a checkpoint onto exactly the batches the uninterrupted run reads (``tasks.py``);
 
 and allow-lists the types fairseq checkpoints hold for ``torch.load(weights_only=True)``
 (``checkpoints.py``). fairseq's own models are left as they are.
@@ -34,6 +37,10 @@ from multimax.integrations.fairseq_plugin.models import (
 )
 from multimax.integrations.fairseq_plugin.optim import MultimaxAdam
 from multimax.integrations.fairseq_plugin.options import MultimaxOptions, normalizer_cli_args
+from multimax.integrations.fairseq_plugin.tasks import (
+    MultimaxLanguageModelingTask,
+    MultimaxTranslationTask,
+)
 
 allow_fairseq_checkpoints()
 
@@ -44,9 +51,11 @@ __all__ = [
     "USER_DIR",
     "MultimaxAdam",
     "MultimaxLabelSmoothedCrossEntropyCriterion",
+    "MultimaxLanguageModelingTask",
     "MultimaxOptions",
     "MultimaxTransformerLanguageModel",
     "MultimaxTransformerModel",
+    "MultimaxTranslationTask",
     "allow_fairseq_checkpoints",
     "load_fairseq_checkpoint",
     "normalizer_cli_args",

@@ -3,10 +3,17 @@ fairseq's ``transformer`` / ``transformer_lm`` architectures under a ``multimax_
 (``multimax_transformer_iwslt_de_en``, ``multimax_transformer_wmt_en_de``,
 ``multimax_transformer_lm_wiki103``, ...): same hyper-parameters as fairseq's architecture
 of the same name, plus the plugin's options (``options.py``) defaulting to softmax.
+
+Both models remember the update count fairseq hands them (``set_num_updates``), and apply
+``--output-sigma-grad-scale``: the output σ's gradient grows like √V (a sum over the whole
+vocabulary), so under global ``--clip-norm`` it dominates the norm and shrinks the
+backbone's steps; ``inv_sqrt_vocab`` multiplies it by 1/√V (the authors' practice, BRIEF §6).
+Adam's step is invariant to that scale, so only the clipping changes.
 """
 
 from __future__ import annotations
 
+import math
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +40,27 @@ from .options import MultimaxConfig, MultimaxOptions, set_default_options
 PREFIX = "multimax_"
 
 
+class _PluginModelMixin:
+    """What both plugin models add to fairseq's: the update count, the output σ's gradient
+    scale."""
+
+    num_updates: int | None = None
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates = num_updates
+        super().set_num_updates(num_updates)
+
+    def scale_output_sigma_gradient(self, options: MultimaxOptions) -> None:
+        if options.output_sigma_grad_scale == "none":
+            return
+        decoder = self.decoder
+        scale = 1.0 / math.sqrt(len(decoder.dictionary))
+        for param in decoder.output_normalizer.parameters():
+            param.register_hook(lambda grad, s=scale: grad * s)
+
+
 @register_model("multimax_transformer")
-class MultimaxTransformerModel(TransformerModel):
+class MultimaxTransformerModel(_PluginModelMixin, TransformerModel):
     """fairseq's ``transformer`` with every attention and the output layer normalised by
     ``--attn-normalizer`` / ``--output-normalizer``."""
 
@@ -49,8 +75,10 @@ class MultimaxTransformerModel(TransformerModel):
             # fairseq's TransformerConfig.from_namespace keeps extra options of a Namespace only
             args = Namespace(**OmegaConf.to_container(args, resolve=True))
         set_default_options(args)
-        MultimaxOptions.from_args(args)  # fail on a bad name before building anything
-        return super().build_model(args, task)
+        options = MultimaxOptions.from_args(args)  # fail on a bad name before building
+        model = super().build_model(args, task)
+        model.scale_output_sigma_gradient(options)
+        return model
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
@@ -76,7 +104,7 @@ class MultimaxTransformerLanguageModelConfig(TransformerLanguageModelConfig, Mul
 
 
 @register_model("multimax_transformer_lm", dataclass=MultimaxTransformerLanguageModelConfig)
-class MultimaxTransformerLanguageModel(TransformerLanguageModel):
+class MultimaxTransformerLanguageModel(_PluginModelMixin, TransformerLanguageModel):
     """fairseq's ``transformer_lm`` with every causal attention and the output layer
     normalised by ``--attn-normalizer`` / ``--output-normalizer``."""
 
@@ -107,7 +135,9 @@ class MultimaxTransformerLanguageModel(TransformerLanguageModel):
                 f"multimax decoder does not mirror fairseq's: missing {extra}, "
                 f"unexpected {result.unexpected_keys}"
             )
-        return cls(decoder)
+        model = cls(decoder)
+        model.scale_output_sigma_gradient(options)
+        return model
 
 
 def _is_normalizer_key(key: str) -> bool:

@@ -6,6 +6,8 @@
     --softmax-temperature T    softmax(x / T) (default 1)
     --learn-temperature        learn T (stored as log T), one per softmax instance
     --attention-impl IMPL      ``auto`` or a name in ``multimax.ATTENTION_PATHS`` (default auto)
+    --output-sigma-grad-scale  ``none`` or ``inv_sqrt_vocab``: scale the output normaliser's
+                               parameter gradients by 1/√V (default none, the published setting)
 
 A normaliser option goes to every normaliser that accepts it (``order`` to MultiMax,
 ``temperature`` / ``learn_temperature`` to softmax), in attention and output alike; this is
@@ -54,6 +56,17 @@ class MultimaxConfig(FairseqDataclass):
         default="auto",
         metadata={"help": "attention implementation: auto or a multimax.ATTENTION_PATHS name"},
     )
+    output_sigma_grad_scale: str = field(
+        default="none",
+        metadata={
+            "help": "none | inv_sqrt_vocab: multiply the output normaliser's parameter "
+            "gradients by 1/sqrt(vocabulary size), so that under --clip-norm they do not "
+            "dominate the global gradient norm (Adam's update is invariant to the scale)"
+        },
+    )
+
+
+OUTPUT_SIGMA_GRAD_SCALES = ("none", "inv_sqrt_vocab")
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class MultimaxOptions:
     softmax_temperature: float = 1.0
     learn_temperature: bool = False
     attention_impl: str = "auto"
+    output_sigma_grad_scale: str = "none"
 
     def __post_init__(self) -> None:
         for flag, name in (
@@ -80,6 +94,11 @@ class MultimaxOptions:
             raise ValueError(
                 f"--attention-impl {self.attention_impl!r} is unknown; valid: auto, "
                 f"{', '.join(ATTENTION_PATHS)}"
+            )
+        if self.output_sigma_grad_scale not in OUTPUT_SIGMA_GRAD_SCALES:
+            raise ValueError(
+                f"--output-sigma-grad-scale {self.output_sigma_grad_scale!r} is unknown; "
+                f"valid: {', '.join(OUTPUT_SIGMA_GRAD_SCALES)}"
             )
 
     @classmethod
@@ -173,6 +192,7 @@ def normalizer_cli_args(
 
 
 __all__ = [
+    "OUTPUT_SIGMA_GRAD_SCALES",
     "MultimaxConfig",
     "MultimaxOptions",
     "normalizer_cli_args",
