@@ -308,7 +308,7 @@ def _load_fairseq(run_dir: Path, num_batches: int = 4, max_tokens: int = 1024) -
 
     from fairseq import checkpoint_utils, utils
 
-    from multimax.integrations.fairseq_plugin.checkpoints import load_fairseq_checkpoint
+    from multimax.integrations.fairseq_checkpoints import load_fairseq_checkpoint
 
     logging.getLogger("fairseq").setLevel(logging.WARNING)  # its INFO lines drown ours
     plugin = Path(multimax.__file__).parent / "integrations" / "fairseq_plugin"

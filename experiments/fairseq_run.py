@@ -1,40 +1,49 @@
 """The fairseq driver behind ``experiments.language_model`` and ``experiments.translation``.
 
-Config → fairseq command lines → fairseq's own ``train`` / ``eval_lm`` / ``generate`` → parsed
-metrics → ``results.json``. Each fairseq stage runs in a child process started as
-``python -m experiments.fairseq_run STAGE ARGS...``, which calls the stage's ``cli_main``
-(fairseq's Python API) in that process. A child per stage keeps fairseq's global state
-(its own Hydra instance, logging, spawned GPU workers) away from our Hydra app, lets
-fairseq's own distributed launch (one worker per GPU, torchrun's or SLURM's environment)
-work unchanged, and makes a crash or a kill of training leave our process able to report.
+Config → fairseq command lines → fairseq's own ``train`` / ``generate`` / ``validate`` and our
+``score_lm`` (``experiments.fairseq_worker``) → parsed metrics → ``results.json``. Each stage
+runs in a child process (``python -m experiments.fairseq_worker STAGE ARGS...``). A child per
+stage keeps fairseq's global state (its own Hydra instance, logging, spawned GPU workers)
+away from our Hydra app, lets fairseq's own distributed launch (one worker per GPU,
+torchrun's or SLURM's environment) work unchanged, and makes a crash or a kill of training
+leave our process able to report. The child dies with the app (process group + parent-death
+signal), and the run directory is locked while a run lives in it.
 
-Resuming: fairseq keeps ``checkpoints/checkpoint_last.pt`` in the run directory and loads it
-when training starts, so rerunning the same command with the same ``hydra.run.dir``
-continues the run (and the same W&B run).
+What survives which fault (docs/language.md): a kill at any point resumes, with the same
+command and ``hydra.run.dir``, from the newest readable checkpoint onto exactly the batches
+the uninterrupted run reads (the plugin's ``multimax_*`` tasks); a rerun of a finished run
+changes nothing; a non-finite loss stops with one line and exit code 3, keeping the last good
+checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import runtime
+from experiments.fairseq_worker import PARENT_PID_ENV, STAGES, parse_report
 
 PLUGIN_DIR = runtime.REPO_ROOT / "multimax" / "integrations" / "fairseq_plugin"
 CHECKPOINT_DIR = "checkpoints"
-STAGES = ("train", "eval_lm", "generate", "dry_run")
+LAST_CHECKPOINT = "checkpoint_last.pt"
+# Output normalisers whose evaluation distribution can give a token probability exactly 0:
+# their headline LM metric is the ε-perplexity (BRIEF §6).
+ZERO_PROBABILITY_OUTPUTS = ("sparsemax", "entmax15", "evsoftmax")
 # Variables of torchrun / SLURM that must not reach single-process evaluation children.
 _DISTRIBUTED_ENV = (
     "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -139,33 +148,61 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+PRECISIONS = ("fp32", "fp16", "amp", "bf16")
+
+
 def precision_flags(precision: str | None, cuda: bool) -> list[str]:
-    """``precision: fp16|bf16|fp32`` → fairseq's flags; half precision only on GPUs."""
+    """``precision: fp32|fp16|amp|bf16`` → fairseq's flags; half precision only on GPUs.
+
+    fairseq 0.12 runs ``--bf16`` on TPUs only (its options set ``--tpu`` with it, and the
+    Trainer then asks for an XLA device), so ``bf16`` is refused on a CUDA machine."""
     precision = (precision or "fp32").lower()
-    if precision not in ("fp16", "bf16", "fp32"):
-        raise ValueError(f"precision must be fp16, bf16 or fp32, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
     if precision == "fp32" or not cuda:
         return []
+    if precision == "bf16":
+        raise runtime.RunStop(
+            "train.precision=bf16: fairseq 0.12 runs --bf16 only on TPUs (it implies --tpu); "
+            "on GPUs use train.precision=fp16 (the recipes' setting) or train.precision=amp"
+        )
     return [f"--{precision}"]
 
 
-def distributed_flags(cfg: DictConfig, env: Mapping[str, str] | None = None) -> list[str]:
-    """Let fairseq's own launcher see torchrun / SLURM.
+def distributed_flags(
+    cfg: DictConfig, env: Mapping[str, str] | None = None, cuda: bool | None = None
+) -> list[str]:
+    """fairseq's distributed flags for torchrun / SLURM / one node.
 
-    * torchrun (``RANK``/``WORLD_SIZE``/``MASTER_*`` set): fairseq joins that group itself.
+    * torchrun (``RANK``/``WORLD_SIZE`` set): each app's trainer joins torchrun's group as
+      its rank (``env://``, no spawning); fairseq's own torchrun detection divides by the GPU
+      count, so the rank and device are given explicitly.
     * SLURM with several nodes: fairseq builds the group from SLURM's variables once it has
       a port (``distributed.port``); with one task per node it spawns a worker per GPU.
     * otherwise: one node, fairseq spawns one worker per visible GPU (``world_size: auto``).
+
+    On CPUs the group uses gloo and fairseq's ``legacy_ddp`` (PyTorch's DDP wrapper as
+    fairseq configures it asks for a CUDA device id).
     """
     env = os.environ if env is None else env
+    cuda = has_cuda() if cuda is None else cuda
     dist = _container(cfg.get("distributed"))
     flags = []
-    if dist.get("world_size") not in (None, "auto"):
+    torchrun = "WORLD_SIZE" in env and "RANK" in env and int(env["WORLD_SIZE"]) > 1
+    if torchrun:
+        flags += ["--distributed-world-size", env["WORLD_SIZE"]]
+        flags += ["--distributed-rank", env["RANK"], "--device-id", env.get("LOCAL_RANK", "0")]
+        flags += ["--distributed-init-method", "env://", "--distributed-no-spawn"]
+    elif dist.get("world_size") not in (None, "auto"):
         flags += ["--distributed-world-size", str(dist["world_size"])]
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return flags
-    if int(env.get("SLURM_NNODES", "1")) > 1:
+    elif int(env.get("SLURM_NNODES", "1")) > 1:
         flags += ["--distributed-port", str(dist.get("port", 12355))]
+    world = dist.get("world_size")
+    several = torchrun or (world not in (None, "auto") and int(world) > 1)
+    if several and not cuda:
+        flags += ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
     return flags
 
 
@@ -208,9 +245,21 @@ def _eval_common(cfg: DictConfig, checkpoint: Path, cuda: bool) -> list[str]:
 
 
 def eval_lm_args(cfg: DictConfig, checkpoint: Path, cuda: bool | None = None) -> list[str]:
-    """``fairseq-eval-lm`` on the test split with the configured context window."""
+    """``fairseq-eval-lm``'s options on the test split with the configured context window
+    (run by our ``score_lm`` stage, which takes the same command line)."""
     cuda = has_cuda() if cuda is None else cuda
     return _eval_common(cfg, checkpoint, cuda) + fairseq_flags(_container(cfg.evaluate.args))
+
+
+def validate_args(
+    cfg: DictConfig, checkpoint: Path, subset: str, cuda: bool | None = None
+) -> list[str]:
+    """``fairseq-validate`` of ``checkpoint`` with its own criterion on ``subset``: the test
+    split's loss, perplexity, ε-perplexity and zero-probability share."""
+    cuda = has_cuda() if cuda is None else cuda
+    max_tokens = int(cfg.train.get("max_tokens") or 4096)
+    args = _eval_common(cfg, checkpoint, cuda)
+    return [*args, "--valid-subset", subset, "--max-tokens", str(max_tokens)]
 
 
 def generate_args(
@@ -231,10 +280,22 @@ def child_env(distributed: bool) -> dict[str, str]:
         p for p in (str(runtime.REPO_ROOT), env.get("PYTHONPATH")) if p
     )
     env.setdefault("WANDB_MODE", "offline")
+    env[PARENT_PID_ENV] = str(os.getpid())
     if not distributed:
         for key in _DISTRIBUTED_ENV:
             env.pop(key, None)
     return env
+
+
+class StageFailed(RuntimeError):
+    """A fairseq stage ended with a non-zero exit code (negative: killed by that signal)."""
+
+    def __init__(self, stage: str, code: int, log_path: Path, tail: list[str]) -> None:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+        super().__init__(
+            f"fairseq {stage} failed ({how}); full log: {log_path}\n" + "\n".join(tail)
+        )
+        self.stage, self.code, self.log_path, self.tail = stage, code, log_path, tail
 
 
 def run_stage(
@@ -243,14 +304,21 @@ def run_stage(
     log_path: Path,
     on_line: Callable[[str], None] | None = None,
     distributed: bool = False,
+    extra_env: Mapping[str, str] | None = None,
+    keep_fds: tuple[int, ...] = (),
 ) -> None:
     """Run one fairseq stage in a child process; every output line goes to ``log_path``
-    and to ``on_line``. Raises ``RuntimeError`` with the log's tail if the stage fails."""
+    and to ``on_line``. Raises :class:`StageFailed` with the log's tail if the stage fails.
+
+    The child leads a process group of its own (fairseq's workers join it) and dies with
+    this process (see ``experiments.fairseq_worker``); if this process is interrupted, the
+    whole group is killed. ``keep_fds`` stay open in the child (the run directory's lock)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-u", "-m", "experiments.fairseq_run", stage, *args]
+    cmd = [sys.executable, "-u", "-m", "experiments.fairseq_worker", stage, *args]
     tail: list[str] = []
+    env = {**child_env(distributed), **(extra_env or {})}
     with log_path.open("a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
@@ -260,8 +328,10 @@ def run_stage(
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
-            env=child_env(distributed),
+            env=env,
             cwd=os.getcwd(),
+            start_new_session=True,
+            pass_fds=keep_fds,
         )
         assert proc.stdout is not None
         try:
@@ -272,18 +342,16 @@ def run_stage(
                     on_line(line.rstrip("\n"))
             code = proc.wait()
         except BaseException:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
     if code != 0:
-        raise RuntimeError(
-            f"fairseq {stage} failed (exit {code}); full log: {log_path}\n" + "\n".join(tail)
-        )
+        raise StageFailed(stage, code, log_path, tail)
 
 
 # --- reading fairseq's output ----------------------------------------------------------------------
 
-_KV = re.compile(r"(\w+)[= ]([-+]?[\d.]+(?:e[-+]?\d+)?)\b")
+_KV = re.compile(r"(\w+)[= ]([-+]?(?:inf|nan|[\d.]+(?:e[-+]?\d+)?))(?=[,\s|]|$)")
 
 
 def parse_train_line(line: str) -> dict[str, float] | None:
@@ -298,12 +366,24 @@ def parse_train_line(line: str) -> dict[str, float] | None:
     return None
 
 
+# Validation metrics kept in metrics.jsonl, results.json and W&B (eps_ppl / zero_prob: the
+# plugin criterion's, on the evaluation distribution).
+VALID_METRICS = ("valid_loss", "valid_ppl", "valid_eps_ppl", "valid_zero_prob")
+
+
 class TrainProgress:
     """Turns fairseq's training log into our progress lines, ``metrics.jsonl`` and W&B."""
 
-    def __init__(self, prefix: str, run_dir: Path, max_update: int, wandb_run=None) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        run_dir: Path,
+        max_update: int,
+        wandb_run=None,
+        clock: runtime.RunClock | None = None,
+    ) -> None:
         self.prefix, self.run_dir, self.max_update = prefix, run_dir, max_update
-        self.wandb_run = wandb_run
+        self.wandb_run, self.clock = wandb_run, clock
         self.start = time.time()
         self.first_update: int | None = None
         self.num_updates = 0
@@ -320,8 +400,8 @@ class TrainProgress:
         if saved:
             self.num_updates = max(self.num_updates, int(saved.group(2)))
             print(f"[{self.prefix}] checkpoint saved @ update {saved.group(2)}", flush=True)
-        if "Traceback" in line or "Error" in line:
-            print(f"[{self.prefix}] {line}", file=sys.stderr)
+        if self.clock is not None:
+            self.clock.tick(min_interval=5.0)
         metrics = parse_train_line(line)
         if not metrics:
             return
@@ -331,11 +411,9 @@ class TrainProgress:
         else:
             self.num_updates = max(self.num_updates, step)
             self.last_valid = metrics
-            shown = " | ".join(
-                f"{k[6:]} {metrics[k]:.3f}" for k in ("valid_loss", "valid_ppl") if k in metrics
-            )
+            shown = " | ".join(f"{k[6:]} {metrics[k]:.3f}" for k in VALID_METRICS if k in metrics)
             print(f"[{self.prefix}] valid @ update {step} | {shown}", flush=True)
-            keep = {k: v for k, v in metrics.items() if k in ("valid_loss", "valid_ppl")}
+            keep = {k: v for k, v in metrics.items() if k in VALID_METRICS}
             runtime.log_metrics(self.run_dir, step, keep, self.wandb_run)
 
     def _train(self, step: int, metrics: dict[str, float]) -> None:
@@ -368,22 +446,37 @@ class TrainProgress:
         return values[len(values) // 2]
 
 
-_PPL = re.compile(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)")
-_EVALUATED = re.compile(r"Evaluated ([\d,]+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)")
+def lm_scores(report: Mapping[str, Any]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """(metrics, reasons for nulls) from the ``score_lm`` stage's report: test loss (base 2)
+    and perplexity over every token (null when some token got probability 0), the
+    ε-perplexity with its ε, the share of tokens with probability 0, evaluation speed."""
+    tokens = int(report["tokens"])
+    zeros = int(report["zero_prob_tokens"])
+    loss = report.get("loss_base2")
+    out: dict[str, float | None] = {
+        "test_loss_base2": loss,
+        "test_perplexity": None if loss is None else 2.0 ** float(loss),
+        "test_eps_perplexity": 2.0 ** float(report["eps_loss_base2"]),
+        "eps_perplexity_epsilon": float(report["epsilon"]),
+        "test_zero_prob_share": zeros / tokens,
+        "eval_tokens": float(tokens),
+        "eval_tokens_per_s": tokens / max(float(report["seconds"]), 1e-9),
+    }
+    reasons = {}
+    if loss is None:
+        why = f"{zeros} of {tokens} test tokens got probability exactly 0 (see test_eps_perplexity)"
+        reasons = {"test_loss_base2": why, "test_perplexity": why}
+    return out, reasons
 
 
-def parse_eval_lm(lines: list[str]) -> dict[str, float]:
-    """Test loss (base 2), perplexity and evaluation speed from ``fairseq-eval-lm``'s log."""
-    out: dict[str, float] = {}
-    for line in lines:
-        if m := _PPL.search(line):
-            out["test_loss_base2"], out["test_perplexity"] = float(m.group(1)), float(m.group(2))
-        if m := _EVALUATED.search(line):
-            out["eval_tokens"] = float(m.group(1).replace(",", ""))
-            out["eval_tokens_per_s"] = float(m.group(3))
-    if "test_perplexity" not in out:
-        raise RuntimeError("fairseq-eval-lm printed no perplexity")
-    return out
+def parse_validate(lines: list[str], subset: str) -> dict[str, float]:
+    """``fairseq-validate``'s summary line for ``subset``: ``{test_loss: ..., test_ppl: ...,
+    test_eps_ppl: ..., test_zero_prob: ...}`` (prefixed by the subset's name)."""
+    for line in reversed(lines):
+        if f"valid on '{subset}' subset" in line:
+            body = line.split("subset", 1)[-1]
+            return {f"{subset}_{k}": float(v) for k, v in _KV.findall(body)}
+    raise RuntimeError(f"fairseq-validate printed no summary for {subset!r}")
 
 
 def read_generation(path: Path) -> tuple[dict[int, str], dict[int, str], float | None]:
@@ -445,72 +538,268 @@ def _process_rank() -> int:
     return 0
 
 
-def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgress], dict]):
-    """Train with fairseq in ``hydra.run.dir``, evaluate, write ``results.json``."""
+def _torchrun_world(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE", "1")) if "RANK" in env else 1
+
+
+def headline_metric(cfg: DictConfig) -> str:
+    """The run's ``metric_name``: the experiment's, except that an LM whose output
+    normaliser can give a token probability 0 is ranked by its ε-perplexity (BRIEF §6)."""
+    output, _ = runtime.normalizer_options(cfg, "output")
+    if cfg.task == "language_model" and output in ZERO_PROBABILITY_OUTPUTS:
+        return "test_eps_perplexity"
+    return str(cfg.evaluate.metric)
+
+
+# --- resuming --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where training continues: ``updates`` done (0: from scratch), the checkpoint fairseq
+    should load (None: its own default, ``checkpoint_last.pt``) and a line for the user."""
+
+    updates: int
+    restore_file: Path | None = None
+    note: str | None = None
+
+
+def _short(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+
+
+def resume_point(save_dir: Path) -> ResumePoint:
+    """The newest readable checkpoint of a run: ``checkpoint_last.pt`` when it reads, else
+    the readable ``checkpoint*.pt`` with the most updates (passed to fairseq as
+    ``--restore-file``), else a fresh start (a restore file that does not exist, so fairseq
+    starts over instead of failing on the unreadable ``checkpoint_last.pt``, which the first
+    save then replaces)."""
+    from multimax.integrations.fairseq_checkpoints import checkpoint_updates
+
+    last = save_dir / LAST_CHECKPOINT
+    others = sorted(p for p in save_dir.glob("checkpoint*.pt") if p.name != LAST_CHECKPOINT)
+    if not last.exists() and not others:
+        return ResumePoint(0)
+    problem = f"{last.name} is missing"
+    if last.exists():
+        try:
+            return ResumePoint(checkpoint_updates(last))
+        except Exception as err:  # noqa: BLE001 - any unreadable file means: try an older one
+            problem = f"{last} is unreadable ({_short(err)})"
+    readable = []
+    for path in others:
+        try:
+            readable.append((checkpoint_updates(path), path.name != "checkpoint_best.pt", path))
+        except Exception:  # noqa: BLE001, S112 - unreadable too: not a candidate
+            continue
+    if readable:
+        updates, _, path = max(readable)
+        note = f"{problem}; resuming from {path.name} (update {updates}), the newest readable one"
+        return ResumePoint(updates, path, note)
+    note = f"{problem} and no other checkpoint reads; starting over from update 0"
+    return ResumePoint(0, save_dir / "no_readable_checkpoint.pt", note)
+
+
+def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgress], tuple]):
+    """Train with fairseq in ``hydra.run.dir`` (or resume there), evaluate, write
+    ``results.json``. A finished run is left as it is."""
     run_dir = runtime.hydra_run_dir()
     prefix = "lm" if cfg.task == "language_model" else "mt"
     if cfg.get("dry_run"):
         return dry_run(cfg, run_dir)
     is_main = _process_rank() == 0
-    start = time.time()
-    ensure_data(cfg)
-    wandb_run = runtime.init_wandb(cfg, run_dir) if is_main else None
-    save_dir = run_dir / CHECKPOINT_DIR
-    progress = TrainProgress(prefix, run_dir, int(cfg.train.get("max_update") or 0), wandb_run)
-    args = train_args(cfg, save_dir)
-    print(f"[{prefix}] fairseq-train {' '.join(args)}", flush=True)
-    distributed = "WORLD_SIZE" in os.environ
-    run_stage("train", args, run_dir / "train.log", progress, distributed=distributed)
-    if not is_main:
-        return None
-    checkpoint = save_dir / str(cfg.evaluate.checkpoint)
-    if not checkpoint.exists():
-        raise RuntimeError(f"training finished without {checkpoint}")
-    metrics = evaluate(cfg, checkpoint, run_dir, progress)
-    metrics["train_tokens_per_s"] = progress.tokens_per_second
-    if progress.last_valid:
+    total = int(cfg.train.get("max_update") or 0)
+    finished = runtime.finished_result(run_dir, total)
+    if finished is not None:
+        if is_main:
+            value = "null" if finished.metric_value is None else f"{finished.metric_value:.2f}"
+            print(
+                f"[{prefix}] {run_dir} holds a finished run ({finished.metric_name} = {value}, "
+                f"{finished.steps} updates): nothing to do. Give another hydra.run.dir=... "
+                "for a new run.",
+                flush=True,
+            )
+        return finished
+    cuda = has_cuda()
+    world = _torchrun_world()
+    configured = str((cfg.get("distributed") or {}).get("world_size", "auto"))
+    if not cuda and world == 1 and configured not in ("auto", "1"):
+        raise runtime.RunStop(
+            f"distributed.world_size={configured} on a machine without GPUs: fairseq spawns one "
+            "worker per GPU. On CPUs start the processes with torchrun, e.g. "
+            f"torchrun --nproc_per_node={configured} -m experiments.{cfg.task} ... "
+            "hydra.run.dir=DIR"
+        )
+    if world > 1 and not any(a.startswith("hydra.run.dir=") for a in _task_overrides()):
+        raise runtime.RunStop(
+            "under torchrun every rank must use the same run directory: give hydra.run.dir=DIR"
+        )
+    lock = runtime.RunLock(run_dir) if is_main else None
+    with lock or contextlib.nullcontext():
+        save_dir = run_dir / CHECKPOINT_DIR
+        resume = resume_point(save_dir)
+        clock = runtime.RunClock(run_dir, start_over=resume.updates == 0) if is_main else None
+        if is_main:
+            if resume.note:
+                print(f"[{prefix}] {resume.note}", flush=True)
+            runtime.trim_metrics_log(run_dir, resume.updates)
+        ensure_data(cfg)
+        wandb_run = runtime.init_wandb(cfg, run_dir) if is_main else None
+        progress = TrainProgress(prefix, run_dir, total, wandb_run, clock)
+        if total and resume.updates >= total:
+            progress.num_updates = progress.resumed_from = resume.updates
+            print(f"[{prefix}] training already reached update {resume.updates}; evaluating")
+        else:
+            train(cfg, run_dir, resume, progress, lock, distributed=world > 1)
+        if not is_main:
+            return None
+        checkpoint = save_dir / str(cfg.evaluate.checkpoint)
+        if not checkpoint.exists():
+            raise RuntimeError(f"training finished without {checkpoint}")
+        metrics, reasons = evaluate(cfg, checkpoint, run_dir, progress)
+        metrics["train_tokens_per_s"] = progress.tokens_per_second
+        if not progress.wps:
+            reasons["train_tokens_per_s"] = "no training update in this invocation"
         metrics.update(progress.last_valid)
-    if progress.resumed_from is not None:
-        metrics["resumed_from_update"] = float(progress.resumed_from)
-    metric_name = str(cfg.evaluate.metric)
-    attn, _ = runtime.normalizer_options(cfg, "attention")
-    out, _ = runtime.normalizer_options(cfg, "output")
-    result = runtime.RunResult(
-        task=str(cfg.task),
-        dataset=str(cfg.data.name),
-        model=str(cfg.model.name),
-        normalizer=attn,
-        output_normalizer=out,
-        seed=int(cfg.seed),
-        metric_name=metric_name,
-        metric_value=float(metrics[metric_name]),
-        steps=progress.num_updates,
-        wall_seconds=time.time() - start,
-        profile=str(cfg.profile.name),
-        metrics={k: float(v) for k, v in metrics.items()},
-    )
-    path = runtime.write_results(run_dir, result, cfg)
+        if progress.resumed_from is not None:
+            metrics["resumed_from_update"] = float(progress.resumed_from)
+        metric_name = headline_metric(cfg)
+        attn, _ = runtime.normalizer_options(cfg, "attention")
+        out, _ = runtime.normalizer_options(cfg, "output")
+        assert clock is not None
+        result = runtime.RunResult(
+            task=str(cfg.task),
+            dataset=str(cfg.data.name),
+            model=str(cfg.model.name),
+            normalizer=attn,
+            output_normalizer=out,
+            seed=int(cfg.seed),
+            metric_name=metric_name,
+            metric_value=metrics.get(metric_name),
+            steps=progress.num_updates,
+            wall_seconds=clock.total(),
+            profile=str(cfg.profile.name),
+            metrics=dict(metrics),
+            null_reasons=reasons,
+        )
+        path = runtime.write_results(run_dir, result, cfg)
+        clock.tick()
     if wandb_run is not None:
         wandb_run.summary.update({metric_name: result.metric_value, **result.metrics})
+    value = "null" if result.metric_value is None else f"{result.metric_value:.2f}"
+    speed = result.metrics.get("train_tokens_per_s")
     print(
-        f"[{prefix}] {metric_name} = {result.metric_value:.2f} | "
-        f"{metrics['train_tokens_per_s']:,.0f} train tokens/s | {result.steps} updates | "
-        f"{result.wall_seconds:.0f} s -> {path}",
+        f"[{prefix}] {metric_name} = {value} | "
+        + (f"{speed:,.0f} train tokens/s | " if speed is not None else "")
+        + f"{result.steps} updates | {result.wall_seconds:.0f} s -> {path}",
         flush=True,
     )
     runtime.finish_wandb(wandb_run, result)
     return result
 
 
-def evaluate_lm(cfg: DictConfig, checkpoint: Path, run_dir: Path, progress) -> dict:
-    lines: list[str] = []
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    resume: ResumePoint,
+    progress: TrainProgress,
+    lock: runtime.RunLock | None,
+    distributed: bool,
+) -> None:
+    """``fairseq-train`` in a child process (holding the run directory's lock too); a stop
+    on purpose (non-finite loss, a killed worker) becomes :class:`runtime.RunStop`."""
+    save_dir = run_dir / CHECKPOINT_DIR
+    args = train_args(cfg, save_dir)
+    if resume.restore_file is not None:
+        args += ["--restore-file", str(resume.restore_file)]
+    print(f"[{progress.prefix}] fairseq-train {shlex.join(args)}", flush=True)
+    reports: list[tuple[str, Any]] = []
+
+    def on_line(line: str) -> None:
+        report = parse_report(line)
+        if report is None:
+            progress(line)
+        else:
+            reports.append(report)
+
+    keep = (lock.fd,) if lock is not None and lock.fd is not None else ()
+    try:
+        run_stage("train", args, run_dir / "train.log", on_line, distributed, keep_fds=keep)
+    except StageFailed as err:
+        stop = training_stop(err, dict(reports), progress, save_dir)
+        if stop is None:
+            raise
+        raise stop from None
+
+
+def _last_good(save_dir: Path) -> str:
+    point = resume_point(save_dir)
+    if point.updates == 0:
+        return "no checkpoint was saved yet"
+    name = point.restore_file.name if point.restore_file else LAST_CHECKPOINT
+    return f"the last good checkpoint, {save_dir / name} (update {point.updates}), is kept"
+
+
+_KILLED_WORKER = ("terminated with signal", "ProcessExitedException", "Connection closed by peer",
+                  "Connection reset by peer", "SIGKILL")  # fmt: skip
+
+
+def training_stop(
+    err: StageFailed, reports: Mapping[str, Any], progress: TrainProgress, save_dir: Path
+) -> runtime.RunStop | None:
+    """The one-line stop for a training child that ended on purpose or was killed; None
+    for any other failure (a bug: its traceback is the useful message)."""
+    where = f"update {progress.num_updates}"
+    if err.code == runtime.STOP_EXIT_CODE and "non_finite" in reports:
+        info = reports["non_finite"]
+        done = info.get("updates_done")
+        update = f"update {done + 1}" if done is not None else f"an update after {where}"
+        return runtime.RunStop(
+            f"training stopped: the loss or its gradients became NaN/Inf at {update} "
+            f"(fairseq: {info.get('error')}); {_last_good(save_dir)}. Try a lower train.lr, "
+            "gradient clipping (train.clip_norm=1.0) or train.precision=fp32, then rerun the "
+            f"same command to resume. Details: {err.log_path}",
+            runtime.STOP_EXIT_CODE,
+        )
+    tail = "\n".join(err.tail)
+    if err.code < 0 or any(mark in tail for mark in _KILLED_WORKER):
+        how = f"killed by {signal.Signals(-err.code).name}" if err.code < 0 else "a worker died"
+        return runtime.RunStop(
+            f"training stopped after {where}: {how}; {_last_good(save_dir)}. Rerun the same "
+            f"command to resume. Details: {err.log_path}",
+            1,
+        )
+    return None
+
+
+def evaluate_lm(cfg: DictConfig, checkpoint: Path, run_dir: Path, progress) -> tuple[dict, dict]:
+    """Test perplexity and ε-perplexity over every token (``score_lm``)."""
     args = eval_lm_args(cfg, checkpoint)
-    print(f"[lm] fairseq-eval-lm on test ({checkpoint.name})", flush=True)
-    run_stage("eval_lm", args, run_dir / "eval_lm.log", lines.append)
-    return parse_eval_lm(lines)
+    args += ["--eps-perplexity-epsilon", str(cfg.evaluate.eps_perplexity_epsilon)]
+    print(f"[lm] scoring the test split with {checkpoint.name} (every token counted)", flush=True)
+    reports: dict[str, Any] = {}
+
+    def on_line(line: str) -> None:
+        report = parse_report(line)
+        if report is not None:
+            reports[report[0]] = report[1]
+
+    run_stage("score_lm", args, run_dir / "eval_lm.log", on_line)
+    if "score_lm" not in reports:
+        raise RuntimeError(f"the test scoring reported nothing; see {run_dir / 'eval_lm.log'}")
+    return lm_scores(reports["score_lm"])
 
 
-def evaluate_translation(cfg: DictConfig, checkpoint: Path, run_dir: Path, progress) -> dict:
+def evaluate_translation(
+    cfg: DictConfig, checkpoint: Path, run_dir: Path, progress
+) -> tuple[dict, dict]:
     results_dir = run_dir / "generate"
     out_file = results_dir / f"generate-{cfg.evaluate.args.get('gen_subset', 'test')}.txt"
     out_file.unlink(missing_ok=True)
@@ -526,6 +815,21 @@ def evaluate_translation(cfg: DictConfig, checkpoint: Path, run_dir: Path, progr
     for line in lines:
         if m := re.search(r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", line):
             scores["generate_tokens_per_s"] = float(m.group(2))
+    scores.update(test_likelihood(cfg, checkpoint, run_dir))
+    return scores, {}
+
+
+def test_likelihood(cfg: DictConfig, checkpoint: Path, run_dir: Path) -> dict[str, float]:
+    """The test split's teacher-forced loss, perplexity, ε-perplexity and zero-probability
+    share under the evaluation distribution (``fairseq-validate`` with the checkpoint's own
+    criterion): ``test_loss``, ``test_ppl``, ``test_eps_ppl``, ``test_zero_prob``, ..."""
+    subset = str(cfg.evaluate.args.get("gen_subset", "test"))
+    print(f"[mt] teacher-forced likelihood of the {subset} split ({checkpoint.name})", flush=True)
+    lines: list[str] = []
+    run_stage("validate", validate_args(cfg, checkpoint, subset), run_dir / "validate.log",
+              lines.append)  # fmt: skip
+    scores = parse_validate(lines, subset)
+    scores["eps_perplexity_epsilon"] = float(cfg.evaluate.eps_perplexity_epsilon)
     return scores
 
 
@@ -554,169 +858,14 @@ def dry_run(cfg: DictConfig, run_dir: Path):
         "vocab": vocab,
     }
     os.environ["MULTIMAX_DRY_RUN"] = json.dumps(extra)
-    print(f"[dry run] fairseq-train {' '.join(args)}", flush=True)
+    print(f"[dry run] fairseq-train {shlex.join(args)}", flush=True)
     lines: list[str] = []
 
     def show(line: str) -> None:
-        if line.startswith(_REPORT_MARK):
-            lines.append(line[len(_REPORT_MARK) :])
+        report = parse_report(line)
+        if report is not None and report[0] == "text":
+            lines.append(report[1])
             print(lines[-1], flush=True)
 
     run_stage("dry_run", args, run_dir / "dry_run.log", show)
     return "\n".join(lines)
-
-
-_REPORT_MARK = "@dry-run@ "  # the child's report lines, told apart from fairseq's own output
-
-
-def _report(text: str) -> None:
-    for line in text.splitlines():
-        print(_REPORT_MARK + line, flush=True)
-
-
-def _worker_dry_run(argv: list[str]) -> None:
-    """In the child: fairseq's own task / model / criterion / Trainer, two ``train_step``s."""
-    import torch
-    from fairseq import options, tasks
-    from fairseq.data import Dictionary
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.trainer import Trainer
-
-    extra = json.loads(os.environ.get("MULTIMAX_DRY_RUN", "{}"))
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, input_args=argv)
-    cfg = convert_namespace_to_omegaconf(args)
-    cuda = torch.cuda.is_available() and not cfg.common.cpu
-    max_tokens = int(cfg.dataset.max_tokens)
-    update_freq = int(cfg.optimization.update_freq[0])
-    micro_tokens = max_tokens
-    if not cuda and extra.get("cpu_max_tokens"):
-        micro_tokens = min(max_tokens, extra["cpu_max_tokens"])
-    vocab = extra.get("vocab")
-    torch.manual_seed(0)
-
-    def dictionary(size: int) -> Dictionary:
-        d = Dictionary()
-        for i in range(size - len(d)):
-            d.add_symbol(f"tok{i}")
-        return d
-
-    is_lm = cfg.task._name == "language_modeling"
-    if vocab:
-        task_cls = tasks.TASK_REGISTRY[cfg.task._name]
-        if is_lm:
-            d = dictionary(int(vocab["size"]))
-            task = task_cls(cfg.task, d, d)
-        else:
-            task = task_cls(cfg.task, dictionary(int(vocab["src"])), dictionary(int(vocab["tgt"])))
-        _report("[dry run] data missing: random tokens of the real shapes, published vocabularies")
-    else:
-        task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    trainer = Trainer(cfg, task, model, criterion)
-
-    def random_sample() -> dict:
-        pad, n_vocab = task.target_dictionary.pad(), len(task.target_dictionary)
-        if is_lm:
-            seq = int(cfg.task.tokens_per_sample)
-            bsz = max(1, micro_tokens // seq)
-            tokens = torch.randint(4, n_vocab, (bsz, seq))
-            net_input = {"src_tokens": tokens, "src_lengths": torch.full((bsz,), seq)}
-            target = torch.roll(tokens, -1, dims=1)
-        else:
-            seq = int(extra.get("mt_sentence_tokens", 32))
-            bsz = max(1, micro_tokens // seq)
-            src = torch.randint(4, len(task.source_dictionary), (bsz, seq))
-            target = torch.randint(4, n_vocab, (bsz, seq))
-            target[:, -1] = task.target_dictionary.eos()
-            prev = torch.cat([target[:, -1:], target[:, :-1]], dim=1)
-            net_input = {
-                "src_tokens": src,
-                "src_lengths": torch.full((bsz,), seq),
-                "prev_output_tokens": prev,
-            }
-        del pad
-        return {
-            "id": torch.arange(bsz),
-            "nsentences": bsz,
-            "ntokens": int(target.numel()),
-            "net_input": net_input,
-            "target": target,
-        }
-
-    if vocab:
-        batches = [random_sample() for _ in range(2)]
-    else:
-        task.load_dataset(cfg.dataset.train_subset, epoch=1)
-        itr = trainer.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
-        batches = [next(itr) for _ in range(2)]
-        if micro_tokens < max_tokens:  # CPU: a slice of the real batch, extrapolated below
-            batches = [random_sample() for _ in range(2)]
-    times = []
-    for sample in batches:
-        t0 = time.perf_counter()
-        trainer.train_step([sample])
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    step_tokens = max_tokens * update_freq
-    # per optimiser step = update_freq micro-batches of max_tokens each
-    scale = update_freq * max_tokens / max(1, int(batches[-1]["ntokens"]))
-    if micro_tokens < max_tokens or vocab:
-        scale = update_freq * max_tokens / micro_tokens
-    step_seconds = times[-1] * scale
-    params = sum(p.numel() for p in model.parameters())
-    device = torch.device("cuda") if cuda else torch.device("cpu")
-    from experiments.runtime import dry_run_report
-
-    world = int(extra.get("world_size", 1))
-    with contextlib.redirect_stdout(io.StringIO()):
-        report = dry_run_report(
-            task=f"{extra.get('task_name', cfg.task._name)} ({cfg.model._name})",
-            parameters=params,
-            items_per_step=step_tokens * world,
-            item_name="tokens",
-            step_seconds=step_seconds,
-            total_steps=int(extra.get("total_steps") or cfg.optimization.max_update or 0),
-            device=device,
-            world_size=world,
-        )
-    _report(report)
-    _report(
-        f"  measured:          {times[-1]:.3f} s for one micro-batch of "
-        f"{int(batches[-1]['ntokens']):,} tokens (x{scale:.1f} = one update of "
-        f"{step_tokens:,} tokens per device); parameters finite after the steps: "
-        f"{all(bool(p.detach().isfinite().all()) for p in model.parameters())}"
-    )
-
-
-# --- child-process entry point -------------------------------------------------------------------------
-
-
-def _allow_checkpoint_types() -> None:
-    """fairseq loads checkpoints with torch's ``weights_only=True`` default: allow-list the
-    few non-tensor types they may hold (the plugin does the same when it is imported)."""
-    import argparse
-
-    import torch
-
-    torch.serialization.add_safe_globals([argparse.Namespace])
-
-
-def _worker(argv: list[str]) -> None:
-    stage, args = argv[0], argv[1:]
-    _allow_checkpoint_types()
-    if stage == "dry_run":
-        _worker_dry_run(args)
-        return
-    module = {"train": "train", "eval_lm": "eval_lm", "generate": "generate"}[stage]
-    import importlib
-
-    cli = importlib.import_module(f"fairseq_cli.{module}")
-    sys.argv = [f"fairseq-{module.replace('_', '-')}", *args]
-    cli.cli_main()
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1:])

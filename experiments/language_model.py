@@ -12,12 +12,13 @@ model and optimiser and times two updates instead.
 import hydra
 from omegaconf import DictConfig
 
-from experiments import fairseq_run
+from experiments import fairseq_run, runtime
 
 
 @hydra.main(config_path="../configs", config_name="language_model", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    fairseq_run.run(cfg, fairseq_run.evaluate_lm)
+    with runtime.stops_cleanly():
+        fairseq_run.run(cfg, fairseq_run.evaluate_lm)
 
 
 if __name__ == "__main__":

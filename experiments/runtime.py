@@ -1,19 +1,23 @@
 """What every experiment entry point shares, written once: seeding, distributed context,
-run directory, atomic files, checkpoints, W&B, normaliser options and ``results.json``.
+run directory (its lock, its wall clock, finished-run detection), atomic files, checkpoints,
+W&B, normaliser options, ``results.json`` (strict JSON) and the one-line stop of a run.
 
 Entry points stay thin: compose config -> build parts -> run -> ``write_results``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import random
 import subprocess
+import sys
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,34 @@ from omegaconf import DictConfig, OmegaConf
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_FILE = "results.json"
 WANDB_ID_FILE = "wandb_run_id.txt"
+LOCK_FILE = ".run.lock"
+CLOCK_FILE = "wall_clock.json"
+# Exit code of a run stopped on purpose (non-finite loss) with its last good checkpoint kept.
+STOP_EXIT_CODE = 3
+# Exit code of a run refused before it started (bad input, run dir in use).
+USAGE_EXIT_CODE = 2
+
+
+# --- stopping a run with one line -----------------------------------------------------------
+
+
+class RunStop(Exception):
+    """Ends a run with one line for the user (no traceback) and ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = USAGE_EXIT_CODE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def stops_cleanly() -> Iterator[None]:
+    """Around an app's work: a :class:`RunStop` prints ``ERROR: <message>`` on stderr and
+    exits with its code, without a traceback."""
+    try:
+        yield
+    except RunStop as stop:
+        print(f"ERROR: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
 
 
 # --- seeding and distributed context ----------------------------------------------------
@@ -149,6 +181,106 @@ def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu
                 f"checkpoint {path} is unreadable ({err}); trying an older one", stacklevel=2
             )
     return None
+
+
+# --- the run directory: one live trainer, a wall clock across resumes, finished runs -------
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run dir>/.run.lock`` while a run lives in the directory.
+
+    The kernel drops the lock when the last process holding its file descriptor ends, so a
+    killed run can never leave it held; a child that inherits :attr:`fd` (the fairseq
+    trainer) keeps it held for as long as it lives, even if its parent was killed. A second
+    run in the same directory stops with :class:`RunStop` naming the holder.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunStop(
+                f"{self.path.parent} is in use by a live run ({holder}); wait for it to end, "
+                "stop it, or give this run another hydra.run.dir=..."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        os.set_inheritable(fd, True)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock unless a live child still holds the file
+            self.fd = None
+
+
+class RunClock:
+    """Wall-clock seconds a run has spent, summed over every invocation (resumes included).
+
+    The total so far lives in ``<run dir>/wall_clock.json``; :meth:`tick` rewrites it
+    (atomically), so a killed invocation loses at most the time since its last tick.
+    """
+
+    def __init__(self, run_dir: str | Path, start_over: bool = False) -> None:
+        self.path = Path(run_dir) / CLOCK_FILE
+        self.before = 0.0
+        if self.path.exists() and not start_over:
+            try:
+                self.before = float(json.loads(self.path.read_text())["seconds"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self.before = 0.0  # an unreadable clock restarts at zero, like a new run
+        self.start = time.monotonic()
+        self.last_tick = 0.0
+
+    def total(self) -> float:
+        return self.before + time.monotonic() - self.start
+
+    def tick(self, min_interval: float = 0.0) -> None:
+        now = time.monotonic()
+        if now - self.last_tick < min_interval:
+            return
+        self.last_tick = now
+        atomic_write_text(self.path, json.dumps({"seconds": self.total()}) + "\n")
+
+
+def finished_result(run_dir: str | Path, total_steps: int) -> RunResult | None:
+    """The run's ``results.json`` if it exists, reads, and records at least ``total_steps``
+    steps (the configured schedule): a rerun of such a run has nothing to do."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.exists() or total_steps <= 0:
+        return None
+    try:
+        result = read_results(path)
+    except ValueError:
+        return None
+    return result if result.steps >= total_steps else None
+
+
+def trim_metrics_log(run_dir: str | Path, step: int) -> None:
+    """Drop training-curve lines written after ``step`` (the checkpoint a run resumes from;
+    0 when it starts over), so a resumed curve has no duplicate steps."""
+    path = Path(run_dir) / METRICS_LOG
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the crash we resume from
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 # --- normaliser options from the config -----------------------------------------------------
@@ -281,22 +413,47 @@ class RunResult:
     output_normalizer: str
     seed: int
     metric_name: str
-    metric_value: float
+    metric_value: float | None
     steps: int
     wall_seconds: float
     profile: str = "paper"
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    null_reasons: dict[str, str] = field(default_factory=dict)
     git_commit: str = field(default_factory=git_commit)
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     config: dict = field(default_factory=dict)
 
 
+def finite_or_null(
+    values: Mapping[str, Any], reasons: Mapping[str, str] | None = None
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """(values with every non-finite number as None, why each None is None): strict JSON
+    has no NaN or Infinity. ``reasons`` names the cause where the caller knows it."""
+    reasons = dict(reasons or {})
+    out: dict[str, float | None] = {}
+    why: dict[str, str] = {}
+    for key, value in values.items():
+        if value is None or not math.isfinite(float(value)):
+            out[key] = None
+            why[key] = reasons.get(key) or ("not measured" if value is None else f"was {value}")
+        else:
+            out[key] = float(value)
+    return out, why
+
+
 def write_results(run_dir: str | Path, result: RunResult, cfg: DictConfig | None = None) -> Path:
-    """Atomically write ``results.json`` in ``run_dir``; ``cfg`` is stored resolved."""
+    """Atomically write ``results.json`` in ``run_dir`` as strict JSON (non-finite numbers
+    become null, their reason in ``null_reasons``); ``cfg`` is stored resolved."""
     if cfg is not None:
         result.config = OmegaConf.to_container(cfg, resolve=True)
+    reasons = dict(result.null_reasons)
+    result.metrics, why = finite_or_null(result.metrics, reasons)
+    headline, headline_why = finite_or_null({"metric_value": result.metric_value}, reasons)
+    result.metric_value = headline["metric_value"]  # type: ignore[assignment]
+    result.null_reasons = {**why, **headline_why}  # only the values that are null
     path = Path(run_dir) / RESULTS_FILE
-    atomic_write_text(path, json.dumps(asdict(result), indent=2, sort_keys=False) + "\n")
+    text = json.dumps(asdict(result), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write_text(path, text + "\n")
     return path
 
 
@@ -368,10 +525,11 @@ def log_metrics(
 ) -> None:
     """Append one line ``{"step": ..., **metrics}`` to ``metrics.jsonl`` in the run dir (the
     source of training-curve figures) and log the same to W&B when a run is given."""
-    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    values, _ = finite_or_null(metrics)
+    record = {"step": int(step), **values}
     path = Path(run_dir) / METRICS_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
     if wandb_run is not None:
         wandb_run.log(dict(metrics), step=int(step))

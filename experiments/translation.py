@@ -12,12 +12,13 @@ sacrebleu and fairseq's tokenised BLEU; rerunning with the same ``hydra.run.dir`
 import hydra
 from omegaconf import DictConfig
 
-from experiments import fairseq_run
+from experiments import fairseq_run, runtime
 
 
 @hydra.main(config_path="../configs", config_name="translation", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    fairseq_run.run(cfg, fairseq_run.evaluate_translation)
+    with runtime.stops_cleanly():
+        fairseq_run.run(cfg, fairseq_run.evaluate_translation)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ data order continues exactly, the workers' augmentation draws do not).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -43,7 +42,7 @@ from experiments.vision_data import (
 from multimax.integrations.timm import GapVisionTransformer
 
 RESOLVED_CONFIG = "resolved_config.yaml"
-STOP_EXIT_CODE = 3
+STOP_EXIT_CODE = runtime.STOP_EXIT_CODE
 
 
 class NonFiniteLoss(RuntimeError):
@@ -282,21 +281,6 @@ def resumed_rng(state: dict | None, ctx) -> dict | None:
     return None
 
 
-def trim_metrics_log(run_dir: Path, step: int) -> None:
-    """Drop training-curve lines written after the checkpoint we resume from."""
-    path = run_dir / runtime.METRICS_LOG
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by the crash we resume from
-    runtime.atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 # --- evaluation ---------------------------------------------------------------------------------
 
 
@@ -396,6 +380,25 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
     parts = build_parts(cfg, ctx)
     data = parts.data
     seed = int(cfg.seed)
+    epochs, total = int(cfg.trainer.epochs), int(cfg.trainer.epochs) * data.steps_per_epoch
+    finished = runtime.finished_result(run_dir, total)
+    if finished is not None:
+        if ctx.is_main:
+            print(
+                f"{run_dir} holds a finished run (top1 {finished.metric_value}, {finished.steps} "
+                "steps): nothing to do. Give another hydra.run.dir=... for a new run."
+            )
+        return finished
+    lock = runtime.RunLock(run_dir) if ctx.is_main else None
+    with lock or nullcontext():
+        return _train(cfg, run_dir, ctx, parts, seed, epochs, total)
+
+
+def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs: int, total: int):
+    data = parts.data
+    had_checkpoint = any(
+        (run_dir / name).exists() for name in (runtime.CHECKPOINT_LAST, runtime.CHECKPOINT_PREVIOUS)
+    )
     state = load_state(parts, ctx, run_dir)
     resume_rng = resumed_rng(state, ctx)
     step, epoch, batches_done, best = 0, 0, 0, {"top1": float("-inf")}
@@ -403,10 +406,13 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
         step, best = int(state["step"]), dict(state["best"])
         epoch, batches_done = state["sampler"]["epoch"], state["sampler"]["batches_done"]
         if ctx.is_main:
-            trim_metrics_log(run_dir, step)
             print(f"resuming from {run_dir} at step {step} (epoch {epoch}, batch {batches_done})")
+    elif had_checkpoint and ctx.is_main:
+        print(f"no readable checkpoint in {run_dir}: starting over from step 0")
+    clock = runtime.RunClock(run_dir, start_over=state is None) if ctx.is_main else None
+    if ctx.is_main:
+        runtime.trim_metrics_log(run_dir, step)
     wandb_run = runtime.init_wandb(cfg, run_dir) if ctx.is_main else None
-    epochs, total = int(cfg.trainer.epochs), int(cfg.trainer.epochs) * data.steps_per_epoch
     stop_after = cfg.trainer.stop_after_steps
     stop_at = step + int(stop_after) if stop_after is not None else None
     every_ckpt, every_log = (
@@ -462,6 +468,7 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
                             {"train_loss": loss, "lr": lr, "images_per_s": rate, "epoch": epoch},
                             wandb_run,
                         )
+                        clock.tick(min_interval=5.0)
                 epoch_end = batches_done == data.steps_per_epoch
                 if epoch_end:
                     if (epoch + 1) % int(cfg.trainer.eval_every_epochs) == 0 or epoch + 1 == epochs:
@@ -482,6 +489,8 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
                     epoch, batches_done = epoch + 1, 0
                 if epoch_end or step % every_ckpt == 0 or step == stop_at:
                     save_state(parts, ctx, run_dir, epoch, batches_done, step, best, metrics)
+                    if clock is not None:
+                        clock.tick()
                 if epoch_end:  # images/s counts training only, not evaluation or saving
                     window_time = time.perf_counter()
                 if step == stop_at:
@@ -499,10 +508,11 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
             print(f"ERROR: {err}; run dir {run_dir}", flush=True)
         runtime.finish_wandb(wandb_run)
         raise
-    wall = time.perf_counter() - start_wall
-    mean_rate = train_images / max(train_seconds, 1e-9)
     if not ctx.is_main:
         return None
+    wall = clock.total()
+    mean_rate = train_images / train_seconds if train_seconds > 0 else float("nan")
+    reasons = {} if train_seconds > 0 else {"train_images_per_s": "no training step in this run"}
     attn_paths = ", ".join(parts.model.attention_paths()) or "unknown"
     result = runtime.RunResult(
         task="image_classification",
@@ -517,8 +527,10 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
         wall_seconds=wall,
         profile=str(cfg.profile.name),
         metrics={**metrics, "best_top1": best["top1"], "train_images_per_s": mean_rate},
+        null_reasons=reasons,
     )
     runtime.write_results(run_dir, result, cfg)
+    clock.tick()
     if wandb_run is not None:
         wandb_run.summary.update({**result.metrics, "attention_path": attn_paths})
     runtime.finish_wandb(wandb_run, result)

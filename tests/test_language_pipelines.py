@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from apps import TINY_LM, TINY_MT, run_app
 from composition import compose
 from omegaconf import OmegaConf
 
 from experiments import fairseq_run
-from experiments.runtime import REPO_ROOT, read_results
+from experiments.runtime import read_results
 
 EXPERIMENTS = {
     "language_model": ["lm_wikitext103"],
@@ -198,34 +196,10 @@ def test_translation_scores(tmp_path):
 
 # --- real runs ---------------------------------------------------------------------------------------
 
-TINY_LM = [
-    "experiment=lm_wikitext103",
-    "profile=smoke",
-    "logger=none",
-    "data.corpus.generate.n_train=300",
-    "data.corpus.generate.n_valid=20",
-    "data.corpus.generate.n_test=20",
-    "train.max_tokens=512",
-    "train.log_interval=5",
-    "evaluate.args.context_window=16",
-]
-
-
-def _run_app(app: str, overrides: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
-    return subprocess.run(
-        [sys.executable, "-m", f"experiments.{app}", *overrides],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
 
 def test_lm_smoke_end_to_end_writes_results(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _run_app(
+    proc = run_app(
         "language_model",
         [
             *TINY_LM,
@@ -245,7 +219,7 @@ def test_lm_smoke_end_to_end_writes_results(tmp_path):
     assert (run_dir / "checkpoints" / "checkpoint_last.pt").exists()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert any("loss" in json.loads(line) for line in lines)
-    from multimax.integrations.fairseq_plugin import load_fairseq_checkpoint
+    from multimax.integrations.fairseq_checkpoints import load_fairseq_checkpoint
 
     state = load_fairseq_checkpoint(str(run_dir / "checkpoints" / "checkpoint_last.pt"))
     assert any("low_threshold" in k for k in state["model"])  # MultiMax's σ parameters
@@ -253,16 +227,10 @@ def test_lm_smoke_end_to_end_writes_results(tmp_path):
 
 def test_mt_smoke_end_to_end_writes_bleu(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _run_app(
+    proc = run_app(
         "translation",
-        [
-            "experiment=mt_iwslt14_deen", "profile=smoke", "logger=none", "normalizer=multimax",
-            "data.corpus.generate.n_train=400", "data.corpus.generate.n_valid=10",
-            "data.corpus.generate.n_test=10", "data.recipe.bpe_symbols=100",
-            "train.max_update=8", "train.max_tokens=1024", "train.log_interval=4",
-            "evaluate.args.beam=2", "+evaluate.args.max_len_b=12", f"data.root={tmp_path}",
-            f"hydra.run.dir={run_dir}",
-        ],
+        [*TINY_MT, "normalizer=multimax", "train.max_update=8", f"data.root={tmp_path}",
+         f"hydra.run.dir={run_dir}"],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = read_results(run_dir / "results.json")
@@ -275,43 +243,9 @@ def test_mt_smoke_end_to_end_writes_bleu(tmp_path):
     assert len(hyps) == 10 and not any("nan" in h.lower().split("\t")[1] for h in hyps)
 
 
-def test_lm_smoke_resumes_after_interruption(tmp_path):
-    """Kill the run right after its first checkpoint; the same command then continues it."""
-    run_dir = tmp_path / "run"
-    overrides = [
-        *TINY_LM, "normalizer=softmax", "train.max_update=60", "train.save_interval_updates=10",
-        f"data.root={tmp_path}", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.language_model", *overrides],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    interrupted = False
-    for line in proc.stdout:
-        if "checkpoint saved @ update" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
-            interrupted = True
-            break
-    proc.wait(timeout=60)
-    assert interrupted and not (run_dir / "results.json").exists()
-    assert (run_dir / "checkpoints" / "checkpoint_last.pt").exists()
-
-    rerun = _run_app("language_model", overrides)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "resumed from" in rerun.stdout
-    result = read_results(run_dir / "results.json")
-    assert result.steps == 60 and result.metrics["resumed_from_update"] >= 10
-
-
 def test_mt_paper_dry_run_without_data(tmp_path):
     """dry_run=true on the paper profile: the real model and optimiser on random tokens."""
-    proc = _run_app(
+    proc = run_app(
         "translation",
         ["experiment=mt_iwslt14_deen", "dry_run=true", "logger=none", "normalizer=multimax",
          "dry_run_options.cpu_max_tokens=256", f"data.root={tmp_path}",
@@ -329,7 +263,7 @@ def test_mt_paper_dry_run_without_data(tmp_path):
 
 @pytest.mark.slow
 def test_lm_paper_dry_run_without_data(tmp_path):
-    proc = _run_app(
+    proc = run_app(
         "language_model",
         ["experiment=lm_wikitext103", "dry_run=true", "logger=none", f"data.root={tmp_path}",
          f"hydra.run.dir={tmp_path / 'run'}"],
@@ -340,7 +274,7 @@ def test_lm_paper_dry_run_without_data(tmp_path):
 
 
 def test_missing_real_corpus_is_a_clear_error(tmp_path):
-    proc = _run_app(
+    proc = run_app(
         "language_model",
         ["experiment=lm_wikitext103", "logger=none", f"data.root={tmp_path}",
          f"hydra.run.dir={tmp_path / 'run'}"],

@@ -16,14 +16,14 @@ Registers with fairseq's own registries
   from a checkpoint onto exactly the batches the uninterrupted run reads (``tasks.py``);
 
 and allow-lists the types fairseq checkpoints hold for ``torch.load(weights_only=True)``
-(``checkpoints.py``). fairseq's own models are left as they are.
+(``multimax.integrations.fairseq_checkpoints``). fairseq's own models are left as they are.
 
 fairseq imports a user dir under its folder name (``fairseq_plugin``); the work is done in
 the submodules, always imported under their full names, so importing the plugin both ways
 (``--user-dir`` and ``import multimax.integrations.fairseq_plugin``) registers everything once.
 """
 
-from multimax.integrations.fairseq_plugin.checkpoints import (
+from multimax.integrations.fairseq_checkpoints import (
     allow_fairseq_checkpoints,
     load_fairseq_checkpoint,
 )

@@ -1,4 +1,6 @@
-"""Loading fairseq checkpoints under torch's ``weights_only=True`` default.
+"""Loading fairseq checkpoints under torch's ``weights_only=True`` default, without importing
+fairseq (the experiment apps inspect checkpoints in-process; importing fairseq there would
+register its schemas in Hydra's ConfigStore).
 
 fairseq-fixed 0.12.3.1 calls ``torch.load(f, map_location="cpu")`` in
 ``checkpoint_utils.load_checkpoint_to_cpu``; since torch 2.6 that means ``weights_only=True``,
@@ -10,6 +12,7 @@ fairseq's own checkpoints hold are added to torch's allow-list, once per process
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,10 +37,26 @@ def allow_fairseq_checkpoints() -> None:
     torch.serialization.add_safe_globals(fairseq_checkpoint_globals())
 
 
-def load_fairseq_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load`` of a fairseq checkpoint with ``weights_only=True`` and the allow-list."""
+def load_fairseq_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict:
+    """``torch.load`` of a fairseq checkpoint with ``weights_only=True`` and the allow-list;
+    ``mmap=True`` maps the tensors instead of reading them (cheap for a quick look)."""
     allow_fairseq_checkpoints()
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
-__all__ = ["allow_fairseq_checkpoints", "fairseq_checkpoint_globals", "load_fairseq_checkpoint"]
+def checkpoint_updates(path: str | Path) -> int:
+    """The number of updates a fairseq checkpoint was saved at. Raises whatever reading the
+    file raises (a truncated or corrupt file)."""
+    state = load_fairseq_checkpoint(path, mmap=True)
+    history = state.get("optimizer_history") or [{}]
+    return int(history[-1].get("num_updates", 0))
+
+
+__all__ = [
+    "allow_fairseq_checkpoints",
+    "checkpoint_updates",
+    "fairseq_checkpoint_globals",
+    "load_fairseq_checkpoint",
+]

@@ -1,0 +1,175 @@
+"""Running the project's Hydra apps as a user does, in subprocesses: to completion, or in the
+background to kill them at a chosen line of their output."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from experiments.runtime import REPO_ROOT
+
+# The LM / MT smoke pipelines at test size: seconds per run on two CPU cores.
+TINY_LM = [
+    "experiment=lm_wikitext103",
+    "profile=smoke",
+    "logger=none",
+    "data.corpus.generate.n_train=300",
+    "data.corpus.generate.n_valid=20",
+    "data.corpus.generate.n_test=20",
+    "train.max_tokens=512",
+    "train.log_interval=5",
+    "evaluate.args.context_window=16",
+]
+TINY_MT = [
+    "experiment=mt_iwslt14_deen",
+    "profile=smoke",
+    "logger=none",
+    "data.corpus.generate.n_train=400",
+    "data.corpus.generate.n_valid=10",
+    "data.corpus.generate.n_test=10",
+    "data.recipe.bpe_symbols=100",
+    "train.max_tokens=1024",
+    "train.log_interval=4",
+    "evaluate.args.beam=2",
+    "+evaluate.args.max_len_b=12",
+]
+
+
+def app_env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
+
+
+def run_app(
+    app: str, overrides: list[str], timeout: int = 900, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m experiments.<app> OVERRIDES`` to completion (pytest-timeout guards the
+    test; ``timeout`` only stops a hung child)."""
+    return subprocess.run(
+        [sys.executable, "-m", f"experiments.{app}", *overrides],
+        cwd=REPO_ROOT,
+        env=env or app_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class Background:
+    """A command in the background whose output lines are read as they come."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env or app_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    @classmethod
+    def app(cls, app: str, overrides: list[str], env: dict | None = None) -> Background:
+        return cls([sys.executable, "-m", f"experiments.{app}", *overrides], env)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 600) -> str:
+        """The first new output line containing ``text``; AssertionError if the process
+        ends or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no line with {text!r}; output:\n{self.output[-4000:]}")
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def children(self) -> list[int]:
+        """The direct children of the process (Linux /proc)."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+    def kill(self, group: bool = False) -> None:
+        """SIGKILL the process (``group``: its whole process group), then reap it."""
+        if group:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        else:
+            self.proc.kill()
+        self.proc.wait(timeout=60)
+
+    def finish(self, timeout: float = 900) -> int:
+        code = self.proc.wait(timeout=timeout)
+        while True:
+            try:
+                line = self._queue.get(timeout=5.0)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+        return code
+
+
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie waiting to be reaped counts as dead)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        state = stat.read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_dead(pids: list[int], timeout: float = 30) -> list[int]:
+    """The pids still alive after ``timeout`` seconds (empty when all ended)."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in pids if is_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if is_alive(p)]
+    return alive
+
+
+def strict_json(path: Path) -> dict:
+    """A JSON file parsed strictly: NaN / Infinity are errors, as in every strict parser."""
+
+    def refuse(name: str):
+        raise ValueError(f"{path}: {name} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def train_losses(train_log: Path) -> dict[int, float]:
+    """{update: training loss} from fairseq's ``train_inner`` lines in ``train.log``."""
+    import re
+
+    losses = {}
+    for line in train_log.read_text().splitlines():
+        m = re.search(r"train_inner \|.* loss=([\d.]+),.* num_updates=(\d+),", line)
+        if m:
+            losses[int(m.group(2))] = float(m.group(1))
+    return losses
