@@ -405,3 +405,11 @@ def test_torchscript_is_refused_with_the_alternatives_named():
     model = small_model("deit_tiny_gap_patch16_224").eval()
     with pytest.raises(RuntimeError, match="torch.compile"):
         torch.jit.script(model)
+
+
+def test_torch_export_traces_the_model():
+    model = small_model("deit_tiny_gap_patch16_224").eval()
+    x = torch.randn(2, *SMALL_INPUT)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))

@@ -12,7 +12,8 @@ average: the authors' model) and :class:`NormalizedAttention` passed in through 
 ``attn_layer`` hook. Keyword arguments on top of timm's:
 
 * ``normalizer`` (default ``"softmax"``): what every attention layer uses, with its options
-  in ``normalizer_options`` (e.g. ``{"order": 2}``);
+  in ``normalizer_options`` (e.g. ``{"order": 2}``); a :class:`~multimax.Normalizer` instance
+  is a template, deep-copied into every layer (one σ per layer);
 * ``output_normalizer`` (default: same as ``normalizer``) with ``output_normalizer_options``
   (default: ``normalizer_options`` when the names agree, else none);
 * ``attention_impl`` (default ``"auto"``): passed to :func:`multimax.attention` as ``impl``.
@@ -23,6 +24,12 @@ MultiMax(z) = softmax(σ(z)); train it with
 ``multimax.build_loss(model.output_normalizer, label_smoothing=...)``, which shares the output
 layer's σ and takes integer targets or Mixup / CutMix soft targets alike.
 With softmax / softmax the state dict is timm's, key for key.
+
+What timm's users rely on works as with timm's ViT: ``features_only=True`` (``feature_cls``
+``"getter"`` by default, or ``"fx"``), FX tracing (the attention dispatch is one wrapped call,
+for torch.fx and timm's notrace registry), ``forward_intermediates``, grad checkpointing,
+``reset_classifier``, pickling and ``torch.save(model)``; ``torch.export`` traces it.
+TorchScript does not (``torch.jit.script`` is refused with that advice).
 """
 
 from __future__ import annotations
