@@ -194,3 +194,222 @@ def test_model_class_is_timms():
     model = timm.create_model("deit_smoke_gap_patch4_16")
     assert isinstance(model, GapVisionTransformer) and isinstance(model, VisionTransformer)
     assert model.global_pool == "avg" and not model.has_class_token
+
+
+# --- timm's own model-test categories, on the registered models at small sizes -------------------
+# (forward, backward, FX forward / backward, features_only, forward_intermediates, grad
+# checkpointing, reset_classifier, pretrained_cfg, pickling), written here for these models.
+
+SMALL = {"img_size": 32, "depth": 4}  # 2×2 patches of 16 pixels, 4 blocks: seconds on a CPU
+SMALL_INPUT = (3, 32, 32)
+REGISTERED = ["deit_tiny_gap_patch16_224", "deit_small_gap_patch16_224"]
+
+
+def small_model(name: str, normalizer: str = "multimax", **kwargs) -> GapVisionTransformer:
+    torch.manual_seed(0)
+    model = timm.create_model(name, normalizer=normalizer, **{**SMALL, **kwargs})
+    with torch.no_grad():  # σ away from the identity, so MultiMax is not SoftMax
+        for module in model.modules():
+            if isinstance(module, multimax.MultiMax):
+                for p in module.parameters():
+                    p.uniform_(-0.3, 0.3)
+    return model
+
+
+def fx_graph_module(model: torch.nn.Module, train: bool) -> torch.nn.Module:
+    """The model traced by torch.fx the way timm's FX feature extraction traces it (timm's
+    notrace registries as tracer arguments), returning the model's final node."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
+
+    tracer_kwargs = {
+        "leaf_modules": get_notrace_modules(),
+        "autowrap_functions": get_notrace_functions(),
+        "param_shapes_constant": True,
+    }
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(
+        model,
+        train_return_nodes=[train_nodes[-1]],
+        eval_return_nodes=[eval_nodes[-1]],
+        tracer_kwargs=tracer_kwargs,
+    ).train(train)
+
+
+@pytest.mark.parametrize("normalizer", ["multimax", "softmax", "sparsemax"])
+@pytest.mark.parametrize("name", REGISTERED)
+def test_fx_traced_forward_equals_the_model(name, normalizer):
+    model = small_model(name, normalizer).eval()
+    x = torch.randn(2, *SMALL_INPUT)
+    with torch.inference_mode():
+        expected = model(x)
+        (traced,) = fx_graph_module(model, train=False)(x).values()
+    assert torch.equal(traced, expected)
+
+
+def test_fx_tracing_without_timms_registry_keeps_the_dispatch_one_call():
+    """torchvision's extractor without timm's tracer arguments traces it too (torch.fx.wrap),
+    and nodes inside the attention layer (its projections) stay reachable."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = small_model("deit_tiny_gap_patch16_224").eval()
+    extractor = create_feature_extractor(model, ["blocks.1.attn.qkv", "blocks.3"])
+    x = torch.randn(1, *SMALL_INPUT)
+    with torch.no_grad():
+        out = extractor(x)
+        assert out["blocks.3"].shape == (1, 4, 192)
+        assert out["blocks.1.attn.qkv"].shape == (1, 4, 3 * 192)
+        torch.testing.assert_close(model.head(model.norm(out["blocks.3"]).mean(1)), model(x))
+
+
+def output_layer_loss(model: GapVisionTransformer, logits: torch.Tensor) -> torch.Tensor:
+    """The training loss: the output normaliser's σ sits in the loss, not in ``forward``."""
+    target = torch.arange(logits.shape[0]) % logits.shape[-1]
+    return multimax.build_loss(model.output_normalizer)(logits, target)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_fx_traced_backward_reaches_every_parameter(name):
+    model = small_model(name, num_classes=42).train()
+    traced = fx_graph_module(model, train=True)
+    (out,) = traced(torch.randn(2, *SMALL_INPUT)).values()
+    assert out.shape == (2, 42) and not torch.isnan(out).any()
+    output_layer_loss(model, out).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert model.blocks[0].attn.normalizer.low_coef.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("feature_cls", ["getter", "fx"])
+@pytest.mark.parametrize("name", REGISTERED)
+def test_features_only(name, feature_cls):
+    torch.manual_seed(0)
+    kwargs = {} if feature_cls == "getter" else {"feature_cls": "fx"}
+    model = timm.create_model(name, normalizer="multimax", features_only=True, **SMALL, **kwargs)
+    model.eval()
+    dim = SIZES[name]["embed_dim"]
+    assert model.feature_info.channels() == [dim] * 3  # the last 3 blocks, as timm's ViT
+    assert model.feature_info.reduction() == [16] * 3
+    with torch.no_grad():
+        outputs = model(torch.randn(2, *SMALL_INPUT))
+    assert len(outputs) == 3
+    for o in outputs:
+        # the getter gives NCHW maps, the FX extractor the blocks' raw (B, N, C) tokens
+        assert o.shape == ((2, dim, 2, 2) if feature_cls == "getter" else (2, 4, dim))
+        assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_forward_intermediates_and_grad_checkpointing(name):
+    model = small_model(name).eval()
+    x = torch.randn(2, *SMALL_INPUT)
+    dim = SIZES[name]["embed_dim"]
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x, output_fmt="NCHW")
+        assert len(intermediates) == 4 and all(i.shape == (2, dim, 2, 2) for i in intermediates)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        logits = model(x)
+    model.set_grad_checkpointing()
+    with torch.no_grad():
+        final_ckpt, _ = model.forward_intermediates(x, output_fmt="NCHW")
+        torch.testing.assert_close(final_ckpt, final, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(x), logits, rtol=1e-4, atol=1e-5)
+    # gradients through checkpointed blocks equal those without checkpointing
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        model(x).square().mean().backward()
+        grads.append(model.blocks[1].attn.normalizer.high_coef.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_backward_reaches_every_parameter(name):
+    model = small_model(name, num_classes=42).train()
+    out = model(torch.randn(2, *SMALL_INPUT))
+    assert out.shape == (2, 42) and not torch.isnan(out).any()
+    output_layer_loss(model, out).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_default_cfg_reset_classifier_and_heads(name):
+    model = small_model(name).eval()
+    cfg = model.pretrained_cfg
+    assert cfg["fixed_input_size"] is True  # a learned position embedding of one grid size
+    assert cfg["input_size"] == (3, 224, 224) and cfg["num_classes"] == 1000
+    state = model.state_dict()
+    assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
+    dim = SIZES[name]["embed_dim"]
+    assert model.num_features == model.head_hidden_size == dim
+    x = torch.randn(1, *SMALL_INPUT)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre_logits = model.forward_head(features, pre_logits=True)
+        assert features.shape == (1, 4, dim) and pre_logits.shape == (1, dim)
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        assert torch.equal(model(x), pre_logits)
+        model.reset_classifier(7)
+        assert model(x).shape == (1, 7)
+        headless = small_model(name, num_classes=0).eval()
+        assert headless(x).shape == (1, dim)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_pickle_and_torch_save_round_trip(tmp_path, name):
+    import io
+    import pickle
+
+    from multimax.integrations.timm import NormalizedAttention
+
+    model = small_model(name).eval()
+    x = torch.randn(2, *SMALL_INPUT)
+    with torch.no_grad():
+        expected = model(x)
+    assert type(model.blocks[0].attn) is NormalizedAttention  # importable by its name
+    copy = pickle.loads(pickle.dumps(model))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for restored in (copy, loaded):
+        with torch.no_grad():
+            assert torch.equal(restored.eval()(x), expected)
+        assert restored.blocks[2].attn.normalizer is not model.blocks[2].attn.normalizer
+
+
+def test_a_normalizer_instance_is_a_template_copied_per_layer():
+    template = multimax.MultiMax(order=2)
+    model = timm.create_model("deit_tiny_gap_patch16_224", normalizer=template, **SMALL)
+    sigmas = [m for m in model.modules() if isinstance(m, multimax.MultiMax)]
+    assert len(sigmas) == 4 + 1 and template not in sigmas
+    assert len({id(s.low_coef) for s in sigmas}) == 5
+    extra = sum(p.numel() for s in sigmas for p in s.parameters())
+    assert extra == 4 * 2 * (4 + 1)  # 40 scalars: one σ per layer and one for the output
+    torch.testing.assert_close(sigmas[0].low_coef, template.low_coef)  # copied, not re-drawn
+    with pytest.raises(ValueError, match="pass the name instead"):
+        timm.create_model(
+            "deit_tiny_gap_patch16_224",
+            normalizer=template,
+            normalizer_options={"order": 1},
+            **SMALL,
+        )
+
+
+def test_torchscript_is_refused_with_the_alternatives_named():
+    model = small_model("deit_tiny_gap_patch16_224").eval()
+    with pytest.raises(RuntimeError, match="torch.compile"):
+        torch.jit.script(model)
+
+
+def test_torch_export_traces_the_model():
+    model = small_model("deit_tiny_gap_patch16_224").eval()
+    x = torch.randn(2, *SMALL_INPUT)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))

@@ -12,7 +12,8 @@ average: the authors' model) and :class:`NormalizedAttention` passed in through 
 ``attn_layer`` hook. Keyword arguments on top of timm's:
 
 * ``normalizer`` (default ``"softmax"``): what every attention layer uses, with its options
-  in ``normalizer_options`` (e.g. ``{"order": 2}``);
+  in ``normalizer_options`` (e.g. ``{"order": 2}``); a :class:`~multimax.Normalizer` instance
+  is a template, deep-copied into every layer (one σ per layer);
 * ``output_normalizer`` (default: same as ``normalizer``) with ``output_normalizer_options``
   (default: ``normalizer_options`` when the names agree, else none);
 * ``attention_impl`` (default ``"auto"``): passed to :func:`multimax.attention` as ``impl``.
@@ -23,15 +24,23 @@ MultiMax(z) = softmax(σ(z)); train it with
 ``multimax.build_loss(model.output_normalizer, label_smoothing=...)``, which shares the output
 layer's σ and takes integer targets or Mixup / CutMix soft targets alike.
 With softmax / softmax the state dict is timm's, key for key.
+
+What timm's users rely on works as with timm's ViT: ``features_only=True`` (``feature_cls``
+``"getter"`` by default, or ``"fx"``), FX tracing (the attention dispatch is one wrapped call,
+for torch.fx and timm's notrace registry), ``forward_intermediates``, grad checkpointing,
+``reset_classifier``, pickling and ``torch.save(model)``; ``torch.export`` traces it.
+TorchScript does not (``torch.jit.script`` is refused with that advice).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from timm.layers import Attention
+import torch.fx
+from timm.layers import Attention, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
@@ -48,9 +57,54 @@ MODEL_NAMES = (
 
 
 def _build(spec: str | Normalizer | None, options: Mapping[str, Any] | None) -> Normalizer:
+    """A fresh normaliser per call: a name is built, an instance is a template and deep-copied
+    (each layer owns its σ, as BRIEF §1 asks; a shared instance would tie them)."""
     if isinstance(spec, Normalizer):
-        return spec
+        if options:
+            raise ValueError(
+                f"normalizer options {dict(options)} given with a {type(spec).__name__} "
+                "instance: pass the name instead (normalizer='multimax', normalizer_options=...) "
+                "or build the instance with those options"
+            )
+        return copy.deepcopy(spec)
     return build_normalizer(spec, **dict(options or {}))
+
+
+@torch.fx.wrap
+def normalized_attention(
+    layer: NormalizedAttention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+) -> Tensor:
+    """``multimax.attention`` for ``layer``'s normaliser, recording the path ``impl`` took in
+    ``layer.attention_path`` (eager calls only).
+
+    One opaque call for symbolic tracers (``torch.fx.wrap`` here, timm's notrace registry
+    below): the path choice branches on shapes, devices and autograd state, which FX feature
+    extraction cannot trace."""
+    dropout_p = layer.attn_drop.p if layer.training else 0.0
+    if not torch.compiler.is_compiling():
+        key = (layer.training, torch.is_grad_enabled(), q.dtype, q.device.type, q.shape)
+        if key != layer._path_key:  # the choice depends on these only: resolve on change
+            layer.attention_path = layer.resolve_path(q, k, v, dropout_p, is_causal)
+            layer._path_key = key
+    return multimax.attention(
+        q,
+        k,
+        v,
+        layer.normalizer,
+        mask=attn_mask,
+        is_causal=is_causal,
+        dropout_p=dropout_p,
+        scale=layer.scale,
+        impl=layer.attention_impl,
+    )
+
+
+register_notrace_function(normalized_attention)
 
 
 class NormalizedAttention(Attention):
@@ -59,7 +113,11 @@ class NormalizedAttention(Attention):
     Same projections (and parameter names) as :class:`timm.layers.Attention`; the
     scores-to-output step is :func:`multimax.attention` with this layer's ``normalizer``
     module (one σ per layer, shared by its heads). ``attention_path`` names the path that
-    ``impl`` resolved to in the last eager forward.
+    ``attention_impl`` resolved to in the last eager forward.
+
+    A plain importable class (models pickle by reference to it): timm's ``attn_layer`` hook
+    builds every layer with the defaults, :class:`GapVisionTransformer` then gives each layer
+    its normaliser through :meth:`use_normalizer`.
     """
 
     def __init__(
@@ -78,21 +136,28 @@ class NormalizedAttention(Attention):
         self.attention_path: str | None = None
         self._path_key: tuple | None = None
 
-    @classmethod
-    def configured(cls, **defaults: Any) -> type[NormalizedAttention]:
-        """A subclass whose constructor has ``defaults`` bound: timm's ``attn_layer`` hook
-        wants a class, and builds one instance (so one normaliser, one σ) per layer."""
+    def use_normalizer(self, normalizer: Normalizer, attention_impl: str = "auto") -> None:
+        """Replace this layer's normaliser (moved to the layer's device) and path choice."""
+        self.normalizer = normalizer.to(self.qkv.weight.device)
+        self.attention_impl = attention_impl
+        self.attention_path, self._path_key = None, None
 
-        def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any) -> None:
-            cls.__init__(self, dim, num_heads, **{**defaults, **kwargs})
-
-        return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
-
-    def _resolve_path(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> str:
+    def resolve_path(
+        self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causal: bool = False
+    ) -> str:
+        """The path :func:`multimax.attention` takes for these inputs (without a mask)."""
         if self.attention_impl != "auto":
             return self.attention_impl
-        inputs = AttentionInputs(q, k, v, self.normalizer, None, None, False, dropout_p, self.scale)
+        inputs = AttentionInputs(
+            q, k, v, self.normalizer, None, None, is_causal, dropout_p, self.scale
+        )
         return select_path(inputs)
+
+    def __prepare_scriptable__(self) -> NormalizedAttention:
+        raise RuntimeError(
+            "NormalizedAttention cannot be TorchScript-compiled (its path choice is Python, and "
+            "torch.jit.script is deprecated): use torch.compile(model) or torch.export instead"
+        )
 
     def forward(
         self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
@@ -103,23 +168,7 @@ class NormalizedAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        if not torch.compiler.is_compiling():
-            key = (self.training, torch.is_grad_enabled(), q.dtype, q.device.type, q.shape)
-            if key != self._path_key:  # the choice depends on these only: resolve on change
-                self.attention_path = self._resolve_path(q, k, v, dropout_p)
-                self._path_key = key
-        x = multimax.attention(
-            q,
-            k,
-            v,
-            self.normalizer,
-            mask=attn_mask,
-            is_causal=is_causal,
-            dropout_p=dropout_p,
-            scale=self.scale,
-            impl=self.attention_impl,
-        )
+        x = normalized_attention(self, q, k, v, attn_mask, is_causal)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         x = self.norm(x)
         if gate is not None:
@@ -128,12 +177,17 @@ class NormalizedAttention(Attention):
 
 
 class GapVisionTransformer(VisionTransformer):
-    """timm's VisionTransformer plus an ``output_normalizer`` module for its logits."""
+    """timm's VisionTransformer plus an ``output_normalizer`` module for its logits.
+
+    ``normalizer`` / ``output_normalizer``: a registry name (built with its ``*_options``) or a
+    :class:`~multimax.Normalizer` instance, which is a template: every attention layer and the
+    output layer get their own deep copy.
+    """
 
     def __init__(
         self,
         *,
-        normalizer: str | None = "softmax",
+        normalizer: str | Normalizer | None = "softmax",
         normalizer_options: Mapping[str, Any] | None = None,
         output_normalizer: str | Normalizer | None = None,
         output_normalizer_options: Mapping[str, Any] | None = None,
@@ -144,12 +198,10 @@ class GapVisionTransformer(VisionTransformer):
             output_normalizer = normalizer
         if output_normalizer_options is None and output_normalizer == normalizer:
             output_normalizer_options = normalizer_options
-        attn_layer = NormalizedAttention.configured(
-            normalizer=normalizer,
-            normalizer_options=normalizer_options,
-            attention_impl=attention_impl,
-        )
-        super().__init__(attn_layer=attn_layer, **kwargs)
+        super().__init__(attn_layer=NormalizedAttention, **kwargs)
+        for layer in self.modules():
+            if isinstance(layer, NormalizedAttention):
+                layer.use_normalizer(_build(normalizer, normalizer_options), attention_impl)
         self.output_normalizer = _build(output_normalizer, output_normalizer_options)
 
     def predict_proba(self, x: Tensor) -> Tensor:
@@ -174,6 +226,7 @@ def _cfg(input_size: tuple[int, int, int] = (3, 224, 224), **kwargs: Any) -> dic
         "pool_size": None,
         "crop_pct": 0.875,
         "interpolation": "bicubic",
+        "fixed_input_size": True,  # learned position embedding of one grid size, as timm's ViT
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
         "first_conv": "patch_embed.proj",
@@ -199,8 +252,13 @@ def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any)
         raise ValueError(
             f"{variant}: no pretrained weights exist; train one with experiments.vision"
         )
+    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViT
     return build_model_with_cfg(
-        GapVisionTransformer, variant, pretrained=False, **{**arch, **_GAP, **kwargs}
+        GapVisionTransformer,
+        variant,
+        pretrained=False,
+        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
+        **{**arch, **_GAP, **kwargs},
     )
 
 

@@ -13,8 +13,8 @@ the fastest path that supports causality can run.
 from __future__ import annotations
 
 import torch
-from fairseq.modules import MultiheadAttention
-from torch import Tensor
+from fairseq.modules import FairseqDropout, MultiheadAttention
+from torch import Tensor, nn
 
 import multimax
 from multimax import Normalizer
@@ -22,6 +22,21 @@ from multimax import Normalizer
 from .optim import exempt_from_weight_decay
 
 IncrementalState = dict[str, dict[str, Tensor | None]]
+
+
+def name_dropout_after(module: nn.Module, stock: type[nn.Module]) -> None:
+    """Give ``module``'s own :class:`FairseqDropout` modules the name the ``stock`` fairseq
+    class gives its own.
+
+    fairseq names each dropout after the class that builds it (``self.__class__.__name__``);
+    ``fairseq-generate --retain-dropout --retain-dropout-modules TransformerEncoder ...``
+    (Monte Carlo dropout) selects by that name, so the plugin's subclasses answer to the
+    stock names: TransformerEncoder, TransformerDecoder, TransformerEncoderLayerBase,
+    TransformerDecoderLayerBase, MultiheadAttention.
+    """
+    for child in module.children():
+        if isinstance(child, FairseqDropout):
+            child.module_name = stock.__name__
 
 
 class MultimaxMultiheadAttention(MultiheadAttention):
@@ -47,6 +62,7 @@ class MultimaxMultiheadAttention(MultiheadAttention):
                     "fairseq's transformer and transformer_lm architectures do not use it"
                 )
         super().__init__(embed_dim, num_heads, **kwargs)
+        name_dropout_after(self, MultiheadAttention)
         self.normalizer = exempt_from_weight_decay(normalizer)
         self.attention_impl = attention_impl
         self._causal_cache: tuple[tuple, Tensor] | None = None

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from multimax import Normalizer
 
-from .attention import MultimaxMultiheadAttention
+from .attention import MultimaxMultiheadAttention, name_dropout_after
 from .optim import exempt_from_weight_decay
 from .options import MultimaxOptions
 
@@ -40,6 +40,7 @@ class MultimaxTransformerEncoderLayer(TransformerEncoderLayerBase):
     def __init__(self, cfg: TransformerConfig, options: MultimaxOptions, return_fc: bool = False):
         self.multimax_options = options  # read by build_self_attention inside super().__init__
         super().__init__(cfg, return_fc=return_fc)
+        name_dropout_after(self, TransformerEncoderLayerBase)
 
     def build_self_attention(self, embed_dim: int, cfg: TransformerConfig):
         _check_no_xformers(cfg.encoder)
@@ -74,6 +75,7 @@ class MultimaxTransformerDecoderLayer(TransformerDecoderLayerBase):
             add_bias_kv=add_bias_kv,
             add_zero_attn=add_zero_attn,
         )
+        name_dropout_after(self, TransformerDecoderLayerBase)
 
     def build_self_attention(
         self, embed_dim: int, cfg: TransformerConfig, add_bias_kv=False, add_zero_attn=False
@@ -122,6 +124,7 @@ class MultimaxTransformerEncoder(TransformerEncoder):
     def __init__(self, args, dictionary, embed_tokens, *, options: MultimaxOptions, **kwargs):
         self.multimax_options = options  # read by build_encoder_layer inside super().__init__
         super().__init__(args, dictionary, embed_tokens, **kwargs)
+        name_dropout_after(self, TransformerEncoder)
 
     def build_encoder_layer(self, args):
         cfg = TransformerConfig.from_namespace(args)
@@ -175,6 +178,7 @@ class MultimaxTransformerDecoder(TransformerDecoder):
             no_encoder_attn=no_encoder_attn,
             output_projection=output_projection,
         )
+        name_dropout_after(self, TransformerDecoder)
         self.output_normalizer = exempt_from_weight_decay(options.build_output_normalizer())
         if self.adaptive_softmax is not None and not self.output_normalizer.is_plain_softmax:
             raise ValueError(
