@@ -106,8 +106,9 @@ def test_judges_read_the_commands_output():
     assert gpu_check.judge_vision(0, VISION_OUTPUT.format(path="flex")).status == "PASS"
     wrong = gpu_check.judge_vision(0, VISION_OUTPUT.format(path="fused"))
     assert wrong.status == "FAIL" and "attention path fused" in wrong.line
-    assert gpu_check.judge_lm(0, LM_OUTPUT.format(flag=" --bf16")).status == "PASS"
-    assert "not given --bf16" in gpu_check.judge_lm(0, LM_OUTPUT.format(flag="")).line
+    good = LM_OUTPUT.format(flag=" --fp16 --fp16-no-flatten-grads")
+    assert gpu_check.judge_lm(0, good).status == "PASS"
+    assert "not given the recipe's --fp16" in gpu_check.judge_lm(0, LM_OUTPUT.format(flag="")).line
     assert gpu_check.judge_lm(1, "Traceback\nRuntimeError: boom").line.endswith("boom")
     summary = "==== 14 passed, 2 skipped, 380 deselected in 52.10s ===="
     assert gpu_check.judge_pytest(0, summary) == Verdict(

@@ -77,8 +77,9 @@ def test_kill_9_resume_ends_on_the_uninterrupted_number(
     resumed = run_app(app, args)
     _ok(resumed)
     assert "resumed from" in resumed.stdout
-    full, again = read_results(uninterrupted[pipeline] / "results.json"), read_results(
-        run_dir / "results.json"
+    full, again = (
+        read_results(uninterrupted[pipeline] / "results.json"),
+        read_results(run_dir / "results.json"),
     )
     assert again.steps == full.steps
     assert f"{again.metric_value:.2f}" == f"{full.metric_value:.2f}"
@@ -86,7 +87,9 @@ def test_kill_9_resume_ends_on_the_uninterrupted_number(
     assert train_losses(run_dir / "train.log") == train_losses(
         uninterrupted[pipeline] / "train.log"
     )
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps)  # the lines after the checkpoint were dropped, not repeated
     assert again.wall_seconds > 0 and strict_json(run_dir / "results.json")
 
@@ -140,7 +143,9 @@ def test_no_readable_checkpoint_starts_over_and_says_so(data_root, tmp_path):
     proc = run_app(app, args)
     _ok(proc)
     assert "no other checkpoint reads; starting over from update 0" in proc.stdout
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len([s for s in steps if s == 5]) == 1  # no duplicated training-curve steps
     assert read_results(run_dir / "results.json").steps == 12
 
