@@ -258,7 +258,8 @@ def validate_args(
     split's loss, perplexity, ε-perplexity and zero-probability share."""
     cuda = has_cuda() if cuda is None else cuda
     max_tokens = int(cfg.train.get("max_tokens") or 4096)
-    args = _eval_common(cfg, checkpoint, cuda)
+    task = {k: cfg.train.get(k) for k in ("task", "source_lang", "target_lang")}
+    args = _eval_common(cfg, checkpoint, cuda) + fairseq_flags(task)
     return [*args, "--valid-subset", subset, "--max-tokens", str(max_tokens)]
 
 
@@ -319,7 +320,7 @@ def run_stage(
     cmd = [sys.executable, "-u", "-m", "experiments.fairseq_worker", stage, *args]
     tail: list[str] = []
     env = {**child_env(distributed), **(extra_env or {})}
-    with log_path.open("a") as log:
+    with log_path.open("a", buffering=1) as log:  # line-buffered: complete up to a kill
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(
