@@ -411,7 +411,7 @@ def translation_scores(
     references, in the test set's order."""
     import sacrebleu
 
-    from scripts.data_common import detokenize
+    from experiments.data.fairseq_corpora import detokenize
 
     if len(hyps) != len(raw_refs):
         raise RuntimeError(f"{len(hyps)} hypotheses for {len(raw_refs)} references")
@@ -427,7 +427,7 @@ def translation_scores(
 def ensure_data(cfg: DictConfig, allow_missing: bool = False) -> Path | None:
     """The prepared data-bin. Smoke corpora are generated and prepared on first use; a
     missing real corpus is an error naming the preparing command (or None if allowed)."""
-    from scripts import data_common
+    from experiments.data import fairseq_corpora as data_common
 
     if data_common.is_prepared(cfg.data):
         return data_dir(cfg)
@@ -542,7 +542,7 @@ def dry_run(cfg: DictConfig, run_dir: Path):
     if present is None:  # random tokens over dictionaries of the published sizes
         raw = cfg.data.get("dry_run_vocab")
         if raw is None:
-            from scripts.data_common import require_prepared
+            from experiments.data.fairseq_corpora import require_prepared
 
             require_prepared(cfg.data)
         vocab = {"size": int(raw)} if isinstance(raw, int) else _container(raw)

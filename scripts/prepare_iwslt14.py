@@ -7,7 +7,7 @@
 Skips when the data-bin is already prepared with the same settings.
 """
 
-from scripts.data_common import main
+from experiments.data.fairseq_corpora import main
 
 if __name__ == "__main__":
     main("iwslt14_deen", "iwslt14_deen_smoke")

@@ -8,7 +8,7 @@ Skips when the data-bin is already prepared with the same settings. The full cor
 (4.5 M pairs) takes hours in the pure-Python BPE learner: run it once on a CPU node.
 """
 
-from scripts.data_common import main
+from experiments.data.fairseq_corpora import main
 
 if __name__ == "__main__":
     main("wmt14_ende", "wmt14_ende_smoke")

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from scripts import data_common as dc
-from scripts.smoke_corpora import lm_recall, mt_reorder
+from experiments.data import fairseq_corpora as dc
+from experiments.data.smoke_corpora import lm_recall, mt_reorder
 
 # --- tokeniser ------------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from typing import Any
 import regex
 from omegaconf import DictConfig, OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs" / "data"
 PREPARED_FILE = "PREPARED.json"
 SPLITS = ("train", "valid", "test")
@@ -447,7 +447,7 @@ def _generate_if_needed(cfg: DictConfig) -> None:
     gen = cfg.corpus.get("generate")
     if not gen:
         return
-    from scripts.smoke_corpora import GENERATORS
+    from experiments.data.smoke_corpora import GENERATORS
 
     out = Path(cfg.corpus.local_path)
     files = [out / f for f in dict(cfg.corpus.files).values()]
