@@ -72,7 +72,3 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"digits image-folder tree ready at {root} ({(root / COMPLETE_MARKER).read_text().strip()})"
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -158,7 +158,3 @@ def main(argv: list[str] | None = None) -> int:
     elif args.source == "hf":
         from_hf(args.root, args.dataset, args.from_disk)
     return check(args.root)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
