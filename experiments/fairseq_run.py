@@ -407,11 +407,12 @@ def read_generation(path: Path) -> tuple[dict[int, str], dict[int, str], float |
 def translation_scores(
     hyps: Mapping[int, str], raw_refs: list[str], target_lang: str
 ) -> dict[str, float]:
-    """Detokenised sacrebleu (13a, the standard) of the hypotheses against the untokenised
-    references, in the test set's order."""
+    """sacreBLEU (13a, the standard) and chrF of the Moses-detokenised hypotheses (sacremoses,
+    as fairseq's ``--eval-bleu-detok moses``) against the untokenised references, in the
+    test set's order."""
     import sacrebleu
 
-    from experiments.data.fairseq_corpora import detokenize
+    from experiments.data.translation_text import detokenize
 
     if len(hyps) != len(raw_refs):
         raise RuntimeError(f"{len(hyps)} hypotheses for {len(raw_refs)} references")
@@ -518,11 +519,18 @@ def evaluate_translation(cfg: DictConfig, checkpoint: Path, run_dir: Path, progr
     print(f"[mt] fairseq-generate on test ({checkpoint.name})", flush=True)
     lines: list[str] = []
     run_stage("generate", args, run_dir / "generate.log", lines.append)
-    hyps, _refs, tok_bleu = read_generation(out_file)
+    hyps, refs, tok_bleu = read_generation(out_file)
     raw = (data_dir(cfg) / f"test.raw.{cfg.data.target_lang}").read_text(encoding="utf-8")
     scores = translation_scores(hyps, raw.splitlines(), str(cfg.data.target_lang))
     if tok_bleu is not None:
         scores["tokenized_bleu"] = tok_bleu
+    if cfg.data.get("compound_split_bleu"):  # fairseq's scripts/compound_split_bleu.sh
+        from experiments.data.translation_text import compound_split_bleu
+
+        ids = sorted(hyps)
+        scores["compound_split_bleu"] = compound_split_bleu(
+            [hyps[i] for i in ids], [refs[i] for i in ids]
+        )
     for line in lines:
         if m := re.search(r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", line):
             scores["generate_tokens_per_s"] = float(m.group(2))
