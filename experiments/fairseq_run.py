@@ -501,11 +501,12 @@ def read_generation(path: Path) -> tuple[dict[int, str], dict[int, str], float |
 def translation_scores(
     hyps: Mapping[int, str], raw_refs: list[str], target_lang: str
 ) -> dict[str, float]:
-    """Detokenised sacrebleu (13a, the standard) of the hypotheses against the untokenised
-    references, in the test set's order."""
+    """sacreBLEU (13a, the standard) and chrF of the Moses-detokenised hypotheses (sacremoses,
+    as fairseq's ``--eval-bleu-detok moses``) against the untokenised references, in the
+    test set's order."""
     import sacrebleu
 
-    from scripts.data_common import detokenize
+    from experiments.data.translation_text import detokenize
 
     if len(hyps) != len(raw_refs):
         raise RuntimeError(f"{len(hyps)} hypotheses for {len(raw_refs)} references")
@@ -521,7 +522,7 @@ def translation_scores(
 def ensure_data(cfg: DictConfig, allow_missing: bool = False) -> Path | None:
     """The prepared data-bin. Smoke corpora are generated and prepared on first use; a
     missing real corpus is an error naming the preparing command (or None if allowed)."""
-    from scripts import data_common
+    from experiments.data import fairseq_corpora as data_common
 
     if data_common.is_prepared(cfg.data):
         return data_dir(cfg)
@@ -808,11 +809,18 @@ def evaluate_translation(
     print(f"[mt] fairseq-generate on test ({checkpoint.name})", flush=True)
     lines: list[str] = []
     run_stage("generate", args, run_dir / "generate.log", lines.append)
-    hyps, _refs, tok_bleu = read_generation(out_file)
+    hyps, refs, tok_bleu = read_generation(out_file)
     raw = (data_dir(cfg) / f"test.raw.{cfg.data.target_lang}").read_text(encoding="utf-8")
     scores = translation_scores(hyps, raw.splitlines(), str(cfg.data.target_lang))
     if tok_bleu is not None:
         scores["tokenized_bleu"] = tok_bleu
+    if cfg.data.get("compound_split_bleu"):  # fairseq's scripts/compound_split_bleu.sh
+        from experiments.data.translation_text import compound_split_bleu
+
+        ids = sorted(hyps)
+        scores["compound_split_bleu"] = compound_split_bleu(
+            [hyps[i] for i in ids], [refs[i] for i in ids]
+        )
     for line in lines:
         if m := re.search(r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", line):
             scores["generate_tokens_per_s"] = float(m.group(2))
@@ -847,7 +855,7 @@ def dry_run(cfg: DictConfig, run_dir: Path):
     if present is None:  # random tokens over dictionaries of the published sizes
         raw = cfg.data.get("dry_run_vocab")
         if raw is None:
-            from scripts.data_common import require_prepared
+            from experiments.data.fairseq_corpora import require_prepared
 
             require_prepared(cfg.data)
         vocab = {"size": int(raw)} if isinstance(raw, int) else _container(raw)

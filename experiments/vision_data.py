@@ -58,7 +58,7 @@ def ensure_data(cfg: DictConfig) -> Path:
     """The checked data root; the digits tree is written on first use (cached, atomically)."""
     root = data_root(cfg)
     if cfg.data.name == "digits":
-        from scripts.prepare_digits import write_digits
+        from experiments.data.digits import write_digits
 
         write_digits(root)
     check_image_folder(root, (cfg.data.train_split, cfg.data.val_split), cfg.data.prepare_command)

@@ -26,7 +26,7 @@ import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ class TableSpec:
     metric: str
     keywords: tuple[str, ...]  # matched against "task dataset metric_name" of a run
     higher_is_better: bool = True
+    # Further metrics of a run (from results.json "metrics") shown as rows of their own,
+    # under their own names; the paper column belongs to the headline metric only.
+    also: tuple[str, ...] = ()
 
 
 TABLES: tuple[TableSpec, ...] = (
@@ -67,7 +70,7 @@ TABLES: tuple[TableSpec, ...] = (
         ("mechanism",),
         higher_is_better=False,
     ),
-    TableSpec("wmt_bleu", "WMT En→De", "BLEU", ("wmt",)),
+    TableSpec("wmt_bleu", "WMT En→De", "BLEU", ("wmt",), also=("compound_split_bleu",)),
     TableSpec("iwslt14_bleu", "IWSLT'14 De→En", "BLEU", ("iwslt", "translation")),
     TableSpec(
         "wikitext103_ppl",
@@ -210,13 +213,25 @@ def run_from_record(data: Mapping[str, Any], path: str) -> Run:
     )
 
 
+def with_also_metrics(run: Run, metrics: Mapping[str, Any]) -> list[Run]:
+    """``run`` and one copy per metric its table lists in ``also`` that ``metrics`` holds
+    (finite), with that metric as the copy's ``metric_name`` / ``metric_value``."""
+    out = [run]
+    for name in table_of(run).also:
+        value = metrics.get(name)
+        if isinstance(value, int | float) and math.isfinite(value):
+            out.append(replace(run, metric_name=name, metric_value=float(value)))
+    return out
+
+
 def load_runs(paths: Iterable[str | Path]) -> tuple[list[Run], list[str]]:
     """(good runs, one problem line per skipped file) from the ``results.json`` files."""
     runs, problems = [], []
     for path in find_results(paths):
         try:
             data = json.loads(path.read_text())
-            runs.append(run_from_record(data, str(path)))
+            run = run_from_record(data, str(path))
+            runs += with_also_metrics(run, data.get("metrics") or {})
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
             problems.append(f"{path}: skipped, {err}")
     return runs, problems
@@ -247,7 +262,9 @@ def runs_from_wandb(project: str) -> tuple[list[Run], list[str]]:
             problems.append(f"{where}: skipped, state {r.state}")
             continue
         try:
-            runs.append(run_from_record(record_from_wandb(r.config, dict(r.summary)), where))
+            summary = dict(r.summary)
+            run = run_from_record(record_from_wandb(r.config, summary), where)
+            runs += with_also_metrics(run, summary)
         except ValueError as err:
             problems.append(f"{where}: skipped, {err}")
     return runs, problems
@@ -356,7 +373,7 @@ def build_rows(
         for row in rows:
             base = _baseline(rows, row)
             row.delta = None if base is None else row.mean - base.mean
-            if profile == "paper":
+            if profile == "paper" and row.metric_name not in specs[table].also:
                 ref = paper.get(table, {})
                 row.paper = ref.get((_model_key(row.model), row.normalizer, row.output_normalizer))
                 base_ref = ref.get((_model_key(row.model), BASELINE, BASELINE))

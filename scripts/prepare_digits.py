@@ -2,77 +2,14 @@
 
     python scripts/prepare_digits.py [--root data/digits]
 
-Layout (the ImageNet layout, so the smoke profile goes through the same loader)::
-
-    ROOT/train/<digit>/<index>.png    1,437 images (stratified 80 %)
-    ROOT/val/<digit>/<index>.png        360 images
-
-Pixels 0..16 become 8-bit grey levels (×255/16, rounded). The tree is built in a temporary
-folder and renamed into place, so a reader never sees half of it; an existing complete tree
-is left alone. The vision app calls :func:`write_digits` itself when the tree is missing.
+The work is done by ``experiments/data/digits.py`` (the vision app calls it too).
 """
 
-from __future__ import annotations
-
-import argparse
-import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
-COMPLETE_MARKER = ".complete"
-VAL_FRACTION = 0.2
-SPLIT_SEED = 0
-
-
-def digits_tree_complete(root: str | Path) -> bool:
-    return (Path(root) / COMPLETE_MARKER).exists()
-
-
-def write_digits(root: str | Path = "data/digits") -> Path:
-    """Build the digits tree at ``root`` unless it is already there; returns ``root``."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    root = Path(root)
-    if digits_tree_complete(root):
-        return root
-    digits = load_digits()
-    pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    index = np.arange(len(pixels))
-    train_idx, val_idx = train_test_split(
-        index, test_size=VAL_FRACTION, random_state=SPLIT_SEED, stratify=digits.target
-    )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
-    try:
-        for split, ids in (("train", train_idx), ("val", val_idx)):
-            for i in sorted(ids):
-                folder = tmp / split / str(digits.target[i])
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels[i]).save(folder / f"{i:04d}.png")
-        (tmp / COMPLETE_MARKER).write_text(f"{len(train_idx)} train, {len(val_idx)} val\n")
-        try:
-            os.replace(tmp, root)  # atomic; fails if another process got there first
-        except OSError:
-            if not digits_tree_complete(root):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="data/digits", help="where the tree goes")
-    args = parser.parse_args(argv)
-    root = write_digits(args.root)
-    print(
-        f"digits image-folder tree ready at {root} ({(root / COMPLETE_MARKER).read_text().strip()})"
-    )
-
-
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+    from experiments.data.digits import main
+
     main()

@@ -4,10 +4,15 @@
     python -m scripts.prepare_wikitext103 corpus.local_path=DIR  # wiki.*.tokens or save_to_disk
     python -m scripts.prepare_wikitext103 --smoke                # the generated smoke corpus
 
-Skips when the data-bin is already prepared with the same settings.
+Skips when the data-bin is already prepared with the same settings. The work is done by
+``experiments/data/fairseq_corpora.py`` (the experiment apps call it too).
 """
 
-from scripts.data_common import main
+import sys
+from pathlib import Path
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+    from experiments.data.fairseq_corpora import main
+
     main("wikitext103", "wikitext103_smoke")

@@ -131,6 +131,33 @@ def test_paper_values_and_variants(multirun: Path, tmp_path: Path) -> None:
     assert rows["multimax(order=1)"]["paper_value"] == ""
 
 
+def test_wmt_compound_split_bleu_rows_of_their_own(tmp_path: Path) -> None:
+    """WMT runs' compound_split_bleu (results.json metrics) gets its own rows and Δ; the
+    paper column stays with the headline sacrebleu."""
+    root = tmp_path / "runs"
+    wmt = dict(task="translation", dataset="wmt14_ende", model="transformer_wmt_en_de",
+               metric_name="sacrebleu")  # fmt: skip
+    for i, (norm, bleu, split_bleu) in enumerate(
+        [("softmax", 26.0, 27.0), ("multimax", 26.5, 28.0)]
+    ):
+        _run(root, f"r{i}", norm, 0, bleu, metrics={"compound_split_bleu": split_bleu}, **wmt)
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"tables": {"wmt_bleu": {"rows": [
+        {"model": "transformer_wmt_en_de", "normalizer": "softmax",
+         "output_normalizer": "softmax", "value": 27.3}]}}}))  # fmt: skip
+    mt.make_tables([root], tmp_path / "t", paper_reference=ref)
+    with (tmp_path / "t" / "wmt_bleu.csv").open() as f:
+        rows = {(r["normalizer"], r["metric_name"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {(n, m) for n in ("softmax", "multimax")
+                         for m in ("sacrebleu", "compound_split_bleu")}  # fmt: skip
+    assert float(rows["multimax", "compound_split_bleu"]["mean"]) == 28.0
+    assert float(rows["multimax", "compound_split_bleu"]["delta_vs_softmax"]) == 1.0
+    assert float(rows["multimax", "sacrebleu"]["delta_vs_softmax"]) == 0.5
+    assert rows["softmax", "sacrebleu"]["paper_value"] == "27.3"
+    assert rows["softmax", "compound_split_bleu"]["paper_value"] == ""
+    assert "compound_split_bleu" in (tmp_path / "t" / "wmt_bleu.md").read_text()
+
+
 def test_shipped_paper_reference_has_only_nulls() -> None:
     ref = json.loads((REPO / "results" / "paper_reference.json").read_text())
     values = [r["value"] for t in ref["tables"].values() for r in t["rows"]]

@@ -86,7 +86,7 @@ def test_missing_data_root_names_layout_and_preparing_command(tmp_path):
 
 
 def test_prepare_digits_writes_the_real_digits_once(tmp_path):
-    from scripts.prepare_digits import write_digits
+    from experiments.data.digits import write_digits
 
     root = write_digits(tmp_path / "digits")
     train = sorted((root / "train").glob("*/*.png"))
