@@ -533,6 +533,18 @@ def ensure_data(cfg: DictConfig, allow_missing: bool = False) -> Path | None:
     return data_common.require_prepared(cfg.data)
 
 
+def wait_for_data(cfg: DictConfig, timeout_s: float = 6 * 3600) -> Path:
+    """Ranks other than 0 wait for rank 0 to prepare the data (one preparation, no race)."""
+    from experiments.data import fairseq_corpora
+
+    deadline = time.monotonic() + timeout_s
+    while not fairseq_corpora.is_prepared(cfg.data):
+        if time.monotonic() > deadline:
+            raise runtime.RunStop(f"rank {_process_rank()}: {data_dir(cfg)} was not prepared")
+        time.sleep(2.0)
+    return data_dir(cfg)
+
+
 def _process_rank() -> int:
     for key in ("RANK", "SLURM_PROCID"):
         if key in os.environ:
@@ -646,7 +658,9 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
             if resume.note:
                 print(f"[{prefix}] {resume.note}", flush=True)
             runtime.trim_metrics_log(run_dir, resume.updates)
-        ensure_data(cfg)
+            ensure_data(cfg)
+        else:
+            wait_for_data(cfg)
         wandb_run = runtime.init_wandb(cfg, run_dir) if is_main else None
         progress = TrainProgress(prefix, run_dir, total, wandb_run, clock)
         if total and resume.updates >= total:

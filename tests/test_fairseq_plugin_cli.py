@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import multimax.integrations.fairseq_plugin as plugin
@@ -144,3 +145,59 @@ def test_translation_train_multimax_then_generate(tmp_path):
         score = float(line.split("\t")[1])
         assert math.isfinite(score), line
     assert "BLEU4" in log and "nan" not in log.lower().replace("nan_", "")
+
+
+def score_lm(*args: str, cwd: Path) -> dict:
+    """The pipelines' ``score_lm`` stage (fairseq-eval-lm's options) and its report."""
+    from experiments.fairseq_worker import parse_report
+    from experiments.runtime import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.fairseq_worker", "score_lm", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = dict(r for line in proc.stdout.splitlines() if (r := parse_report(line)))
+    return reports["score_lm"]
+
+
+def test_test_scoring_counts_every_token_where_fairseq_eval_lm_skips_zeros(tmp_path):
+    """For a softmax-family output, the pipelines' scoring equals fairseq-eval-lm's
+    perplexity. For a sparse output, fairseq-eval-lm silently drops the tokens of
+    probability 0 and prints a finite perplexity; the scoring counts them, reports no
+    perplexity and the ε-perplexity instead."""
+    write_corpus(tmp_path)
+    preprocess(
+        tmp_path, "--only-source", "--trainpref", str(tmp_path / "train.txt"),
+        "--validpref", str(tmp_path / "valid.txt"), "--testpref", str(tmp_path / "test.txt"),
+        "--destdir", str(tmp_path / "lm-bin"),
+    )  # fmt: skip
+    eval_args = ["--user-dir", USER_DIR, "--tokens-per-sample", "32", "--batch-size", "8",
+                 "--cpu", "--num-workers", "0", "--context-window", "8"]  # fmt: skip
+    for output in ("multimax", "sparsemax"):
+        save = f"ckpt_{output}"
+        fairseq(
+            "fairseq-train", "lm-bin", "--user-dir", USER_DIR, "--task", "language_modeling",
+            "--arch", "multimax_transformer_lm", *TINY_LM, "--attn-normalizer", "softmax",
+            "--output-normalizer", output, "--criterion", "multimax_label_smoothed_cross_entropy",
+            "--tokens-per-sample", "32", "--batch-size", "8", "--max-update", "4",
+            "--optimizer", "adam", "--lr", "3e-3", "--save-dir", save, "--no-epoch-checkpoints",
+            "--seed", "1", *COMMON,
+            cwd=tmp_path,
+        )  # fmt: skip
+        path = ["--path", f"{save}/checkpoint_last.pt"]
+        log = fairseq("fairseq-eval-lm", "lm-bin", *path, *eval_args, cwd=tmp_path)
+        fairseq_ppl = float(re.search(r"Perplexity: ([\d.]+)", log).group(1))
+        ours = score_lm("lm-bin", *path, *eval_args, "--eps-perplexity-epsilon", "1e-6",
+                        cwd=tmp_path)  # fmt: skip
+        assert ours["epsilon"] == 1e-6 and ours["vocab"] > 30
+        eps_ppl = 2 ** ours["eps_loss_base2"]
+        if output == "multimax":
+            assert ours["zero_prob_tokens"] == 0
+            assert 2 ** ours["loss_base2"] == pytest.approx(fairseq_ppl, abs=0.006)
+            assert eps_ppl == pytest.approx(fairseq_ppl, rel=1e-3)  # no zeros: ε barely matters
+        else:
+            assert ours["zero_prob_tokens"] > 0 and ours["loss_base2"] is None
+            assert math.isfinite(fairseq_ppl)  # fairseq's number silently left tokens out
+            assert math.isfinite(eps_ppl) and eps_ppl > fairseq_ppl

@@ -150,3 +150,48 @@ def test_output_sigma_grad_scale_keeps_sigma_out_of_the_clipped_norm(tmp_path):
     assert sigma_sq > 0
     expected_norm = math.sqrt(norms["null"] ** 2 - sigma_sq * (1 - 1 / vocab))
     assert norms["inv_sqrt_vocab"] == pytest.approx(expected_norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("output", ["evsoftmax", "sparsemax", "entmax15", "multimax"])
+def test_validation_uses_the_evaluation_distribution_and_reports_eps_perplexity(tmp_path, output):
+    """In ``model.eval()`` the criterion's nll is −log p under the distribution the model
+    predicts at evaluation (evsoftmax: exact zeros below the row mean, not the ε training
+    weights), and it logs the ε-perplexity and the share of zero-probability targets."""
+    from fairseq import metrics
+
+    from multimax.metrics import epsilon_log_likelihood
+
+    data = lm_dir(tmp_path)
+    overrides = [f"normalizer={output}"]
+    torch.manual_seed(0)
+    trainer, cfg = build_trainer(recipe_args(data, [], overrides))
+    model, criterion = trainer.model, trainer.criterion
+    sample = lm_sample(trainer.task.dictionary, batch=4)
+    target = sample["target"].reshape(-1)
+    model.eval()
+    with torch.no_grad():
+        _, _, log = criterion(model, sample)
+        logits = model(**sample["net_input"])[0].reshape(-1, len(trainer.task.dictionary))
+        p_eval = model.decoder.output_normalizer(logits.float()).gather(-1, target[:, None])[:, 0]
+    eps = cfg.criterion.eps_perplexity_epsilon
+    assert eps == 1e-6  # the recipe's evaluate.eps_perplexity_epsilon reached the criterion
+    zeros = int((p_eval == 0).sum())
+    assert log["zero_prob_tokens"] == zeros
+    if output in ("evsoftmax", "sparsemax"):
+        assert zeros > 0  # the case that matters: targets with probability exactly 0
+        assert log["nll_loss"] == float("inf")
+    else:
+        assert float(log["nll_loss"]) == pytest.approx(float(-p_eval.log().sum()), rel=1e-4)
+    expected = -epsilon_log_likelihood(p_eval.log(), eps, logits.size(-1)).sum()
+    assert log["eps_nll_loss"] == pytest.approx(float(expected), rel=1e-5)
+    with metrics.aggregate() as agg:
+        type(criterion).reduce_metrics([log])
+        values = agg.get_smoothed_values()
+    assert values["zero_prob"] == pytest.approx(zeros / target.numel(), abs=1e-4)
+    assert values["eps_ppl"] == pytest.approx(math.exp(float(expected) / target.numel()), rel=1e-2)
+    model.train()
+    with torch.no_grad():
+        _, _, train_log = criterion(model, sample)
+    assert "eps_nll_loss" not in train_log  # training logs stay fairseq's
+    if output == "evsoftmax":
+        assert math.isfinite(float(train_log["nll_loss"]))  # the ε training distribution
