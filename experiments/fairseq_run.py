@@ -645,7 +645,7 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
             f"torchrun --nproc_per_node={configured} -m experiments.{cfg.task} ... "
             "hydra.run.dir=DIR"
         )
-    if world > 1 and not any(a.startswith("hydra.run.dir=") for a in _task_overrides()):
+    if world > 1 and not any(a.startswith("hydra.run.dir=") for a in _hydra_overrides()):
         raise runtime.RunStop(
             "under torchrun every rank must use the same run directory: give hydra.run.dir=DIR"
         )
@@ -715,10 +715,10 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
     return result
 
 
-def _task_overrides() -> list[str]:
+def _hydra_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
-    return list(HydraConfig.get().overrides.task)
+    return list(HydraConfig.get().overrides.hydra)
 
 
 def train(

@@ -169,7 +169,7 @@ def train_losses(train_log: Path) -> dict[int, float]:
 
     losses = {}
     for line in train_log.read_text().splitlines():
-        m = re.search(r"train_inner \|.* loss=([\d.]+),.* num_updates=(\d+),", line)
+        m = re.search(r"train_inner\b.* loss=([\d.]+),.* num_updates=(\d+),", line)
         if m:
             losses[int(m.group(2))] = float(m.group(1))
     return losses

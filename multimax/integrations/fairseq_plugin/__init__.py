@@ -23,6 +23,9 @@ the submodules, always imported under their full names, so importing the plugin 
 (``--user-dir`` and ``import multimax.integrations.fairseq_plugin``) registers everything once.
 """
 
+import torch
+from fairseq.distributed import utils as fairseq_distributed_utils
+
 from multimax.integrations.fairseq_checkpoints import (
     allow_fairseq_checkpoints,
     load_fairseq_checkpoint,
@@ -43,6 +46,8 @@ from multimax.integrations.fairseq_plugin.tasks import (
 )
 
 allow_fairseq_checkpoints()
+# what fairseq's resume broadcast to the other ranks pickles besides the checkpoint's types
+torch.serialization.add_safe_globals([fairseq_distributed_utils._TensorPlaceholder])
 
 USER_DIR = __path__[0]  # the folder to pass as fairseq's --user-dir
 
