@@ -225,7 +225,7 @@ def test_forcing_a_path_that_cannot_run_names_those_that_can():
     if not CUDA:
         with pytest.raises(ValueError, match=r"'flex'.*paths that can: fused, reference"):
             attention(q, k, v, NORMALIZERS["multimax2"](), impl="flex")
-    with pytest.raises(ValueError, match="valid: auto, flex"):
+    with pytest.raises(ValueError, match="valid: auto, sdpa, flex"):
         attention(q, k, v, "softmax", impl="triton")
 
 
@@ -243,7 +243,7 @@ def test_use_attention_impl_overrides_auto_only():
 
 
 def test_paths_are_registered_in_auto_order():
-    assert list(ATTENTION_PATHS) == ["flex", "sdpa", "inference", "fused", "reference"]
+    assert list(ATTENTION_PATHS) == ["sdpa", "flex", "inference", "fused", "reference"]
 
 
 def test_compiled_kernels_equal_reference():
