@@ -112,13 +112,13 @@ def _affine_then(inner: PointwiseSigma, key: str) -> PointwiseSigma:
     """σ(x) = inner(t·x + b) with scalars t, b ahead of inner's parameters (MultiMax V2)."""
 
     def forward(x: Tensor, scale: Tensor, shift: Tensor, *params: Tensor) -> Tensor:
-        return inner.forward(scale * x + shift, *params)
+        return inner.forward(scale[0] * x + shift[0], *params)
 
     def backward(x: Tensor, dh: Tensor, scale: Tensor, shift: Tensor, *params: Tensor):
-        d_inner, d_params = inner.backward(scale * x + shift, dh, *params)
+        d_inner, d_params = inner.backward(scale[0] * x + shift[0], dh, *params)
         d_scale = (d_inner * x).sum().reshape(1)
         d_shift = d_inner.sum().reshape(1)
-        return d_inner * scale, torch.cat([d_scale, d_shift, d_params])
+        return d_inner * scale[0], torch.cat([d_scale, d_shift, d_params])
 
     def params(n: Normalizer) -> tuple[Tensor, ...]:
         assert isinstance(n, MultiMaxV2)

@@ -69,8 +69,8 @@ def modulate_v2(
     low_coef: Tensor,
     high_coef: Tensor,
 ) -> Tensor:
-    """MultiMax V2's σ₁(t·x + b), entry-wise; ``scale`` = t and ``shift`` = b are scalars."""
-    return modulate(scale * x + shift, low_threshold, high_threshold, low_coef, high_coef)
+    """MultiMax V2's σ₁(t·x + b), entry-wise; ``scale`` = t and ``shift`` = b have shape (1,)."""
+    return modulate(scale[0] * x + shift[0], low_threshold, high_threshold, low_coef, high_coef)
 
 
 @NORMALIZERS.register("multimax")
@@ -124,8 +124,8 @@ class MultiMaxV2(MultiMax):
 
     def __init__(self, init_std: float = INIT_STD) -> None:
         super().__init__(order=1, init_std=init_std)
-        self.affine_scale = nn.Parameter(torch.ones(()))
-        self.affine_shift = nn.Parameter(torch.zeros(()))
+        self.affine_scale = nn.Parameter(torch.ones(1))  # t, shape (1,) as MultiMax's b_k ...
+        self.affine_shift = nn.Parameter(torch.zeros(1))  # b
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
