@@ -15,7 +15,7 @@ from .attention import (
 )
 from .chunked_loss import sigma_cross_entropy
 from .losses import NormalizerLoss, build_loss
-from .modulation import MultiMax, modulate, multimax
+from .modulation import MultiMax, MultiMaxV2, modulate, modulate_v2, multimax
 from .normalizers import (
     NORMALIZERS,
     Entmax15,
@@ -35,6 +35,7 @@ __all__ = [
     "Entmax15",
     "EvSoftmax",
     "MultiMax",
+    "MultiMaxV2",
     "Normalizer",
     "NormalizerLoss",
     "Softmax",
@@ -44,6 +45,7 @@ __all__ = [
     "build_loss",
     "build_normalizer",
     "modulate",
+    "modulate_v2",
     "multimax",
     "no_weight_decay_names",
     "param_groups",

@@ -3,15 +3,18 @@
     attention(q, k, v, normalizer) = normalizer(q·kᵀ · scale, mask) · v
 
 σ-style transforms see the raw scaled scores; an additive mask is added *after* the
-transform (BRIEF §1) and its ``-inf`` entries count as masked. Masked keys get exactly zero
-weight and a query row whose keys are all masked outputs zeros.
+transform (BRIEF §1) and its entries at or below ``MASKED_BIAS`` (−10⁴: ``-inf``, fairseq's
+−1e8, ``finfo.min``) count as masked. Masked keys get exactly zero weight and a query row
+whose keys are all masked outputs zeros; inputs with no score at all (a batch, query or key
+length of 0) give the empty or zero output on every path.
 
 ``attention`` picks an implementation from ``ATTENTION_PATHS`` (the first whose ``auto``
 test passes, unless ``impl`` names one):
 
+* ``sdpa``: PyTorch's fused kernels, softmax with a fixed temperature (plain softmax
+  included): first, so softmax baselines run exactly what stock timm / fairseq run;
 * ``flex``: FlexAttention with σ as ``score_mod`` (CUDA; flash-style, no N×M tensor;
   forward-only on the CPU, so only when forced there);
-* ``sdpa``: PyTorch's fused kernels, fixed-temperature softmax only;
 * ``inference``: σ fused into the softmax, nothing saved (no gradient needed);
 * ``fused``: σ + softmax with its own memory-lean backward (:mod:`multimax.fused`);
 * ``reference``: explicit N×M weights, every normaliser.
@@ -36,8 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .flex import flex_can_run, flex_sigma_attention
-from .fused import fused_attention, pointwise_sigma, use_compiled_kernels
-from .normalizers import Normalizer, Softmax, build_normalizer
+from .fused import (
+    TensorCache,
+    fused_attention,
+    num_scores,
+    pointwise_sigma,
+    use_compiled_kernels,
+)
+from .normalizers import MASKED_BIAS, Normalizer, Softmax, build_normalizer
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class AttentionInputs:
     @property
     def num_scores(self) -> int:
         """Entries of the (B, H, N, M) score tensor."""
-        return self.q[..., 0, 0].numel() * self.q.shape[-2] * self.k.shape[-2]
+        return num_scores(self.q, self.k)
 
 
 @dataclass(frozen=True)
@@ -95,15 +104,27 @@ def register_attention_path(path: AttentionPath, first: bool = False) -> None:
     ATTENTION_PATHS.update(items)
 
 
+def _split_additive(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    keep = mask > torch.tensor(MASKED_BIAS, dtype=mask.dtype, device=mask.device)
+    zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
+    return keep, torch.where(keep, mask, zero).to(dtype)
+
+
+# Additive masks split once per mask tensor: every layer given the same mask object gets the
+# same keep tensor, so flex builds its block mask once.
+_SPLIT_MASKS = TensorCache(8)
+
+
 def split_mask(mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-    """(keep, bias) from a boolean (True = keep) or additive float mask."""
+    """(keep, bias) from a boolean (True = keep) or additive float mask; additive entries at
+    or below ``MASKED_BIAS`` (in the mask's dtype) are masked, the others are the bias."""
     if mask is None:
         return None, None
     if mask.dtype == torch.bool:
         return mask, None
-    keep = mask > float("-inf")
-    zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
-    return keep, torch.where(keep, mask, zero).to(dtype)
+    if mask.requires_grad:  # a learned bias: its graph is new on every call
+        return _split_additive(mask, dtype)
+    return _SPLIT_MASKS.get([mask], (dtype,), lambda: _split_additive(mask, dtype))
 
 
 def causal_keep(n: int, m: int, device: torch.device) -> Tensor:
@@ -152,7 +173,8 @@ def _sdpa(inputs: AttentionInputs) -> Tensor:
         empty_rows = ~keep.any(dim=-1, keepdim=True)
         attn_mask = keep | empty_rows
     if inputs.bias is not None:
-        bias = inputs.bias / normalizer._fixed_temperature
+        # SDPA adds attn_mask to the scaled scores: softmax(x / T + bias), as the contract.
+        bias = inputs.bias
         if attn_mask is not None:
             bias = torch.where(
                 attn_mask, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device)
@@ -205,6 +227,9 @@ def _compiled_kernels(inputs: AttentionInputs) -> bool:
 
 
 register_attention_path(
+    AttentionPath("sdpa", _sdpa_can_run, _sdpa, "torch SDPA (fixed-temperature softmax)")
+)
+register_attention_path(
     AttentionPath(
         "flex",
         _flex_can_run,
@@ -212,9 +237,6 @@ register_attention_path(
         "FlexAttention, σ as score_mod (CUDA; CPU forward only), no dropout",
         auto=lambda inputs: inputs.q.is_cuda,
     )
-)
-register_attention_path(
-    AttentionPath("sdpa", _sdpa_can_run, _sdpa, "torch SDPA (fixed-temperature softmax)")
 )
 register_attention_path(
     AttentionPath(
@@ -339,7 +361,8 @@ def attention(
     if impl == "auto":
         impl = getattr(_forced, "impl", "auto")
     if impl == "auto":
-        return ATTENTION_PATHS[select_path(inputs)].run(inputs)
+        path = ATTENTION_PATHS[select_path(inputs)]
+        return _reference(inputs) if inputs.num_scores == 0 else path.run(inputs)
     if impl not in ATTENTION_PATHS:
         raise ValueError(
             f"unknown attention impl {impl!r}; valid: auto, {', '.join(ATTENTION_PATHS)}"
@@ -352,7 +375,8 @@ def attention(
             f"(normalizer={type(normalizer).__name__}, device={q.device.type}, "
             f"dtype={q.dtype}, torch={torch.__version__}); paths that can: {', '.join(runnable)}"
         )
-    return path.run(inputs)
+    # No score at all: every path's answer is the (empty or zero) reference one.
+    return _reference(inputs) if inputs.num_scores == 0 else path.run(inputs)
 
 
 def attention_with_weights(

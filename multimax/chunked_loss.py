@@ -12,6 +12,10 @@ backward recomputes σ and softmax chunk by chunk in float32 and writes the logi
 straight into one (T, V) buffer, rounded to the logits' dtype once. Autograd through the
 plain formula would instead keep several (T, V) tensors (σ's intermediates, its output and
 the log-softmax); here no more than the logits and their gradient exist at full size.
+
+A second derivative (``create_graph=True``) differentiates the plain formula instead (the
+chunked backward is exact for first derivatives only); autocast does not reach inside (the
+loss is float32 math either way); zero tokens give an empty loss with zero gradients.
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused import PointwiseSigma, kernel, pointwise_sigma, upcast, use_compiled_kernels
+from .fused import (
+    PointwiseSigma,
+    autocast_disabled,
+    autograd_backward,
+    kernel,
+    pointwise_sigma,
+    split_params,
+    upcast,
+    use_compiled_kernels,
+)
 from .normalizers import Normalizer
 
 # Elements of one chunk (tokens × vocabulary): a few MiB, so chunk temporaries stay small.
@@ -60,6 +73,13 @@ def _ce_backward_kernel(sigma, z, target, stats, grad, smoothing, params):
     return sigma.backward(x, dh, *params)
 
 
+def _plain_loss(sigma, z, target, smoothing, params):
+    """The per-token loss by the formula, with autograd (for second derivatives)."""
+    h = sigma.forward(upcast(z), *params)
+    h_t = h.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(h, -1) - (1.0 - smoothing) * h_t - smoothing * h.mean(-1)
+
+
 def _chunks(rows: int, vocab: int, chunk_rows: int | None) -> list[tuple[int, int]]:
     step = chunk_rows or max(1, CHUNK_ELEMENTS // max(vocab, 1))
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
@@ -87,22 +107,26 @@ class ChunkedSigmaCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, safe, valid, stats, *params = ctx.saved_tensors
         sigma, smoothing, chunk_rows, compiled = ctx.meta
-        rows, vocab = logits.shape
         grad = torch.where(valid, grad_loss, torch.zeros_like(grad_loss)).to(stats.dtype)
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative will be taken
+            with torch.enable_grad():
+                loss = _plain_loss(sigma, logits, safe, smoothing, params)
+                needed = (ctx.needs_input_grad[0], *ctx.needs_input_grad[7:])
+                d_logits, *d_params = autograd_backward(loss, (logits, *params), needed, grad)
+            return (d_logits, None, None, None, None, None, None, *d_params)
+        rows, vocab = logits.shape
         d_logits = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        d_params = None
+        d_params = torch.zeros(
+            sum(p.numel() for p in params), dtype=stats.dtype, device=grad.device
+        )
         bwd = kernel(_ce_backward_kernel, sigma, compiled)
-        for i, j in _chunks(rows, vocab, chunk_rows):
-            dx, dp = bwd(logits[i:j], safe[i:j], stats[i:j], grad[i:j], smoothing, params)
-            if d_logits is not None:
-                d_logits[i:j] = dx  # float32 -> the logits' dtype: one rounding
-            d_params = dp if d_params is None else d_params + dp
-        grads, offset = [], 0
-        for param in params:
-            n = param.numel()
-            grads.append(d_params[offset : offset + n].reshape(param.shape).to(param.dtype))
-            offset += n
-        return (d_logits, None, None, None, None, None, None, *grads)
+        with autocast_disabled(logits.device.type):
+            for i, j in _chunks(rows, vocab, chunk_rows):
+                dx, dp = bwd(logits[i:j], safe[i:j], stats[i:j], grad[i:j], smoothing, params)
+                if d_logits is not None:
+                    d_logits[i:j] = dx  # float32 -> the logits' dtype: one rounding
+                d_params = d_params + dp
+        return (d_logits, None, None, None, None, None, None, *split_params(d_params, params))
 
 
 def supports_chunked(normalizer: Normalizer) -> bool:
@@ -134,16 +158,17 @@ def sigma_cross_entropy(
     if compiled is None:
         compiled = use_compiled_kernels(flat.numel())
     params = tuple(sigma.params(normalizer))
-    loss = ChunkedSigmaCrossEntropy.apply(
-        flat,
-        target.reshape(-1),
-        sigma,
-        float(label_smoothing),
-        ignore_index,
-        chunk_rows,
-        compiled,
-        *params,
-    )
+    with autocast_disabled(flat.device.type):
+        loss = ChunkedSigmaCrossEntropy.apply(
+            flat,
+            target.reshape(-1),
+            sigma,
+            float(label_smoothing),
+            ignore_index,
+            chunk_rows,
+            compiled,
+            *params,
+        )
     return loss.reshape(target.shape)
 
 

@@ -7,7 +7,13 @@ transform followed by the additive mask (BRIEF §1). Boolean masks and causality
 returns zeros. σ's parameters are tensors captured by ``score_mod``; FlexAttention's backward
 (CUDA) returns their gradients.
 
-Fused (compiled) kernels exist on CUDA; on the CPU the forward runs unfused (for tests).
+The kernel is compiled on CUDA (and on the CPU when compiled kernels are in use,
+:func:`multimax.fused.use_compiled_kernels`; forward only there) through
+:class:`multimax.fused.CompiledKernel`: one graph per input pattern with dynamic sizes, so
+batches of new lengths do not recompile, and eager FlexAttention (one warning) where a
+pattern does not compile. A block mask is built once per (sizes, mask) and reused by every
+layer that gets the same mask tensor; it broadcasts over batch and heads wherever the mask
+does.
 """
 
 from __future__ import annotations
@@ -15,7 +21,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused import pointwise_sigma
+from .fused import (
+    TensorCache,
+    attention_without_scores,
+    autocast_cast,
+    autocast_disabled,
+    compact_mask,
+    compile_available,
+    compile_policy,
+    kernel,
+    num_scores,
+    pointwise_sigma,
+    use_compiled_kernels,
+)
 from .normalizers import Normalizer
 
 try:  # torch >= 2.5
@@ -24,22 +42,6 @@ try:  # torch >= 2.5
     FLEX_AVAILABLE = True
 except ImportError:  # pragma: no cover - older torch
     FLEX_AVAILABLE = False
-
-_compiled_flex = None
-
-
-def _flex_kernel(device: torch.device):
-    """torch.compile'd flex_attention on CUDA (fused kernel); the unfused one elsewhere."""
-    global _compiled_flex
-    if device.type != "cuda":
-        import warnings
-
-        # Unfused CPU flex warns that it is unfused; that is the point of using it here.
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex
 
 
 def flex_can_run(
@@ -57,10 +59,62 @@ def flex_can_run(
     return True, ""
 
 
-def _expand4(t: Tensor, b: int, h: int, n: int, m: int) -> Tensor:
-    while t.dim() < 4:
-        t = t.unsqueeze(0)
-    return t.expand(b, h, n, m)
+def _at(t: Tensor, b, h, qi, ki):
+    """t[b, h, qi, ki] for a compact mask (size-1 dimensions broadcast)."""
+    index = [b, h, qi, ki]
+    return t[tuple(0 if size == 1 else i for size, i in zip(t.shape, index, strict=True))]
+
+
+def _flex_kernel(sigma, q, k, v, bias, block_mask, scale, params):
+    """FlexAttention with score_mod(s) = σ(s) + bias: a pure function, compiled whole."""
+
+    def score_mod(score, b, h, qi, ki):
+        out = sigma.forward(score, *params)
+        if bias is not None:
+            out = out + _at(bias, b, h, qi, ki)
+        return out
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+# Block masks by (mask tensor, sizes, causality): one per mask and shape, not one per call.
+_BLOCK_MASKS = TensorCache(16)
+
+
+def block_mask_for(keep: Tensor | None, is_causal: bool, q: Tensor, k: Tensor):
+    """The BlockMask of ``keep`` (bool, True = keep) and causality for q (B, H, N, ·) and
+    k (·, ·, M, ·), or None when nothing is masked. Built once per (mask tensor, sizes) and
+    reused while that tensor lives unchanged (every layer that gets the same mask object);
+    batch and head dimensions the mask broadcasts over stay broadcast (size 1)."""
+    if keep is None and not is_causal:
+        return None
+    b, h, n = q.shape[:3]
+    m = k.shape[-2]
+
+    def build():
+        compact = compact_mask(keep, 4)
+        # A tensor, not a Python int: the compiled kernel would specialise on an int's value.
+        offset = torch.tensor(m - n, device=q.device)
+
+        def mask_mod(bi, hi, qi, ki):
+            allowed = qi + offset >= ki if is_causal else None
+            if compact is not None:
+                kept = _at(compact, bi, hi, qi, ki)
+                allowed = kept if allowed is None else allowed & kept
+            return allowed
+
+        mask_b, mask_h = (1, 1) if compact is None else compact.shape[:2]
+        return create_block_mask(mask_mod, mask_b, mask_h, n, m, device=q.device)
+
+    return _BLOCK_MASKS.get([keep], (q.device, b, h, n, m, is_causal), build)
+
+
+def _compiled_flex(q: Tensor, k: Tensor) -> bool:
+    """Compile FlexAttention on CUDA (its point) unless compiling is off; on the CPU when
+    compiled kernels are in use for this size."""
+    if not compile_available() or compile_policy() == "never":
+        return False
+    return q.is_cuda or use_compiled_kernels(num_scores(q, k))
 
 
 def flex_sigma_attention(
@@ -76,39 +130,37 @@ def flex_sigma_attention(
     """softmax(σ(q·kᵀ·scale) + bias) · v through FlexAttention; masked keys get zero weight.
 
     ``keep``: bool broadcastable to (B, H, N, M), True = keep; ``is_causal`` aligns the
-    diagonal to the end (query i sees keys j <= i + M − N), as the reference does.
+    diagonal to the end (query i sees keys j <= i + M − N), as the reference does. Under
+    autocast q, k, v are cast as autocast casts a matrix product's inputs.
     """
     sigma = pointwise_sigma(normalizer)
     if sigma is None:
         raise ValueError(f"{type(normalizer).__name__} has no point-wise σ for FlexAttention")
+    (q, k, v), autocast_on = autocast_cast(q, k, v)
+    if autocast_on:
+        with autocast_disabled(q.device.type):
+            return flex_sigma_attention(q, k, v, normalizer, keep, bias, is_causal, scale)
+    if num_scores(q, k) == 0:
+        return attention_without_scores(q, k, v, sigma, sigma.params(normalizer), scale)
     if q.device.type != "cuda" and not torch.is_grad_enabled():
         # CPU flex refuses inputs that require grad, even under no_grad.
         q, k, v = q.detach(), k.detach(), v.detach()
     params = tuple(p.to(torch.float32) for p in sigma.params(normalizer))
-    b, h, n, _ = q.shape
-    m = k.shape[-2]
-    bias4 = None if bias is None else _expand4(bias.to(torch.float32), b, h, n, m)
+    bias = compact_mask(None if bias is None else bias.to(torch.float32), 4)
+    block_mask = block_mask_for(keep, is_causal, q, k)
+    compiled = _compiled_flex(q, k)
+    if not compiled:
+        import warnings
 
-    def score_mod(score, bi, hi, qi, ki):
-        out = sigma.forward(score, *params)
-        if bias4 is not None:
-            out = out + bias4[bi, hi, qi, ki]
-        return out
-
-    block_mask = None
-    if keep is not None or is_causal:
-        keep4 = None if keep is None else _expand4(keep, b, h, n, m)
-        offset = m - n
-
-        def mask_mod(bi, hi, qi, ki):
-            allowed = qi + offset >= ki if is_causal else None
-            if keep4 is not None:
-                kept = keep4[bi, hi, qi, ki]
-                allowed = kept if allowed is None else allowed & kept
-            return allowed
-
-        block_mask = create_block_mask(mask_mod, b, h, n, m, device=q.device)
-    return _flex_kernel(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        # Unfused flex warns that it is unfused; that is the point of using it here.
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    run = kernel(_flex_kernel, sigma, compiled)
+    return run(q, k, v, bias, block_mask, scale, params)
 
 
-__all__ = ["FLEX_AVAILABLE", "flex_can_run", "flex_sigma_attention"]
+__all__ = [
+    "FLEX_AVAILABLE",
+    "block_mask_for",
+    "flex_can_run",
+    "flex_sigma_attention",
+]

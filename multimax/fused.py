@@ -17,20 +17,33 @@ softmax; σ', dH and the parameter sums) lives in small kernel functions; they r
 says so, else as plain PyTorch (same math, slower). Matrix products stay in eager BLAS.
 
 A normaliser is fused when its mapping is softmax and its transform is point-wise with a
-registered :class:`PointwiseSigma` (MultiMax, softmax with a fixed or learned temperature);
-:func:`register_pointwise_sigma` adds more.
+registered :class:`PointwiseSigma` (MultiMax of any order, MultiMax V2, softmax with a fixed
+or learned temperature); :func:`register_pointwise_sigma` adds more.
+
+Compiled kernels build one graph per input pattern (which arguments are None, which
+dimensions are 1, dtypes), each with dynamic sizes, so new lengths and batch sizes reuse it;
+a kernel that does not compile runs eagerly, with one warning. Under autocast the two
+matrix products run in the autocast dtype (as autocast would run them) and the rest in
+float32. A second derivative (``create_graph=True``) differentiates the plain formula
+instead of the hand-written backward. Inputs without any score (a batch, query or key
+length of 0) give the empty or zero output with (empty or zero) gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .modulation import MultiMax
+from .modulation import MultiMax, MultiMaxV2
 from .normalizers import Normalizer, Softmax
 
 # --- point-wise σ specifications ---------------------------------------------------------
@@ -52,7 +65,10 @@ class PointwiseSigma:
     params: Callable[[Normalizer], tuple[Tensor, ...]]
 
 
-def _multimax_sigma(order: int) -> PointwiseSigma:
+@functools.cache
+def multimax_sigma(order: int) -> PointwiseSigma:
+    """MultiMax's σ of order K (BRIEF §1): built once per order."""
+
     def forward(x: Tensor, low_t: Tensor, high_t: Tensor, low_c: Tensor, high_c: Tensor):
         out = x
         for k in range(order):
@@ -92,6 +108,25 @@ def _multimax_sigma(order: int) -> PointwiseSigma:
     return PointwiseSigma(f"multimax{order}", forward, backward, params)
 
 
+def _affine_then(inner: PointwiseSigma, key: str) -> PointwiseSigma:
+    """σ(x) = inner(t·x + b) with scalars t, b ahead of inner's parameters (MultiMax V2)."""
+
+    def forward(x: Tensor, scale: Tensor, shift: Tensor, *params: Tensor) -> Tensor:
+        return inner.forward(scale[0] * x + shift[0], *params)
+
+    def backward(x: Tensor, dh: Tensor, scale: Tensor, shift: Tensor, *params: Tensor):
+        d_inner, d_params = inner.backward(scale[0] * x + shift[0], dh, *params)
+        d_scale = (d_inner * x).sum().reshape(1)
+        d_shift = d_inner.sum().reshape(1)
+        return d_inner * scale[0], torch.cat([d_scale, d_shift, d_params])
+
+    def params(n: Normalizer) -> tuple[Tensor, ...]:
+        assert isinstance(n, MultiMaxV2)
+        return (*n.affine_parameters(), *n.sigma_parameters())
+
+    return PointwiseSigma(key, forward, backward, params)
+
+
 def _temperature_forward(x: Tensor, log_t: Tensor) -> Tensor:
     return x / log_t.exp()
 
@@ -120,8 +155,9 @@ def register_pointwise_sigma(cls: type, factory: Callable[[Normalizer], Pointwis
     _SIGMA_FACTORIES[cls] = factory
 
 
-_MULTIMAX_SIGMAS = {order: _multimax_sigma(order) for order in (1, 2)}
-register_pointwise_sigma(MultiMax, lambda n: _MULTIMAX_SIGMAS[n.order])  # type: ignore[attr-defined]
+MULTIMAX_V2_SIGMA = _affine_then(multimax_sigma(1), "multimax_v2")
+register_pointwise_sigma(MultiMax, lambda n: multimax_sigma(n.order))  # type: ignore[attr-defined]
+register_pointwise_sigma(MultiMaxV2, lambda n: MULTIMAX_V2_SIGMA)
 register_pointwise_sigma(
     Softmax,
     lambda n: IDENTITY_SIGMA if n.is_plain_softmax else TEMPERATURE_SIGMA,
@@ -195,8 +231,6 @@ def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, want,
     return p_out, dx * scale, (dh if want_dh else None), dparams
 
 
-_COMPILED: dict[tuple[str, str], Callable] = {}
-
 # Score tensors at least this large use compiled kernels under the "auto" policy: below it
 # the (one-off, cached) compile costs more than it saves.
 COMPILE_MIN_SCORES = 1 << 19
@@ -225,6 +259,11 @@ def set_compile_policy(policy: str) -> str:
     return previous
 
 
+def compile_policy() -> str:
+    """The current policy: ``"auto"``, ``"always"`` or ``"never"``."""
+    return _compile_policy
+
+
 def compile_available() -> bool:
     """torch.compile can build kernels here (and we are not already inside a compile)."""
     compiler = getattr(torch, "compiler", None)
@@ -240,25 +279,191 @@ def use_compiled_kernels(num_scores: int) -> bool:
     return _compile_policy == "always" or num_scores >= COMPILE_MIN_SCORES
 
 
-def kernel(fn: Callable, sigma: PointwiseSigma, compiled: bool) -> Callable:
-    """``fn(sigma, *args)`` as a function of ``args``: torch.compile'd (dynamic shapes, one
-    cached build per kernel and σ) when ``compiled``, else plain PyTorch."""
-    if not compiled:
-        return lambda *args: fn(sigma, *args)
-    key = (f"{fn.__module__}.{fn.__qualname__}", sigma.key)
-    if key not in _COMPILED:
+def _compile_pattern(arg) -> object:
+    """What a compiled graph specialises on, besides sizes: for a tensor its dtype, device,
+    contiguity and which dimensions are 1 (dynamo specialises sizes 0 and 1); Python bools and
+    None by value; a function by its code and the patterns of what it captures; a BlockMask by
+    its parts; numbers and anything else by type (numbers are symbolic under dynamic shapes)."""
+    if isinstance(arg, Tensor):
+        ones = tuple(size == 1 for size in arg.shape)
+        return (arg.dtype, arg.device.type, arg.is_contiguous(), ones)
+    if isinstance(arg, (tuple, list)):
+        return tuple(_compile_pattern(a) for a in arg)
+    if arg is None or isinstance(arg, bool):
+        return arg
+    code = getattr(arg, "__code__", None)
+    if code is not None:
+        cells = getattr(arg, "__closure__", None) or ()
+        return (id(code), tuple(_compile_pattern(cell.cell_contents) for cell in cells))
+    as_tuple = getattr(arg, "as_tuple", None)
+    if callable(as_tuple):
+        return (type(arg).__name__, _compile_pattern(as_tuple()))
+    return type(arg)
+
+
+def _detached(arg):
+    if isinstance(arg, Tensor):
+        return arg.detach()
+    if isinstance(arg, tuple):
+        return tuple(_detached(a) for a in arg)
+    return arg
+
+
+_warned_kernels: set[str] = set()
+
+
+class CompiledKernel:
+    """``fn(sigma, *args)`` through ``torch.compile``: one graph per input pattern
+    (:func:`_compile_pattern`), each with dynamic sizes and a code object (hence a dynamo cache
+    and recompile budget) of its own, so one kernel shared by every layer serves every mask
+    kind and length without recompiling. A pattern whose graph fails to build or run (a
+    graph break, the recompile limit, a compiler error) runs eagerly from then on, with one
+    warning per kernel; an error that the eager run raises too is the inputs' and is raised."""
+
+    def __init__(self, fn: Callable, sigma: PointwiseSigma) -> None:
+        self.fn = fn
+        self.sigma = sigma
+        self.name = f"{fn.__name__}_{sigma.key}"
+        self.graphs: dict[object, Callable] = {}
+        self.eager_patterns: set[object] = set()
+
+    def eager(self, *args):
+        return self.fn(self.sigma, *args)
+
+    def _build(self) -> Callable:
+        fn, sigma = self.fn, self.sigma
 
         def entry(*args):
             return fn(sigma, *args)
 
-        # A code object of its own per (kernel, σ): dynamo keeps one cache (and one recompile
-        # limit) per code object, so kernels must not share a wrapper's.
-        entry.__code__ = entry.__code__.replace(co_name=f"{fn.__name__}_{sigma.key}")
-        _COMPILED[key] = torch.compile(entry, dynamic=True, fullgraph=True)
+        entry.__code__ = entry.__code__.replace(co_name=f"{self.name}_{len(self.graphs)}")
+        return torch.compile(entry, dynamic=True, fullgraph=True)
+
+    def __call__(self, *args):
+        if not torch.is_grad_enabled():
+            # A view makes dynamo guard on its base as well; without autograd an alias does.
+            args = _detached(args)
+        pattern = _compile_pattern(args)
+        if pattern in self.eager_patterns:
+            return self.eager(*args)
+        graph = self.graphs.get(pattern)
+        if graph is None:
+            graph = self.graphs[pattern] = self._build()
+        try:
+            # Equal sizes (N == M, B == H) get symbols of their own: no guard ties them.
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                return graph(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure; eager decides below
+            result = self.eager(*args)
+            self.eager_patterns.add(pattern)
+            if self.name not in _warned_kernels:
+                _warned_kernels.add(self.name)
+                reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+                warnings.warn(
+                    f"multimax: torch.compile could not build kernel {self.name} ({reason}); "
+                    "it runs eagerly for these inputs (same results, slower). "
+                    "MULTIMAX_COMPILE=0 turns compiled kernels off.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return result
+
+
+_COMPILED: dict[tuple[str, str], CompiledKernel] = {}
+
+
+def kernel(fn: Callable, sigma: PointwiseSigma, compiled: bool) -> Callable:
+    """``fn(sigma, *args)`` as a function of ``args``: a :class:`CompiledKernel` (one per
+    kernel and σ, cached) when ``compiled``, else plain PyTorch."""
+    if not compiled:
+        return functools.partial(fn, sigma)
+    key = (f"{fn.__module__}.{fn.__qualname__}", sigma.key)
+    if key not in _COMPILED:
+        _COMPILED[key] = CompiledKernel(fn, sigma)
     return _COMPILED[key]
 
 
-# --- the autograd Function ---------------------------------------------------------------
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """A block with autocast off on ``device_type`` (nothing where it has no autocast)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_cast(*tensors: Tensor) -> tuple[tuple[Tensor, ...], bool]:
+    """(tensors, True) cast as autocast casts a matrix product's inputs (floating point but
+    not float64, to the autocast dtype) when autocast is on for their device; else
+    (tensors, False) unchanged."""
+    device = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return tensors, False
+    dtype = torch.get_autocast_dtype(device)
+    eligible = lambda t: t.is_floating_point() and t.dtype != torch.float64  # noqa: E731
+    return tuple(t.to(dtype) if eligible(t) else t for t in tensors), True
+
+
+def num_scores(q: Tensor, k: Tensor) -> int:
+    """Entries of the (B, H, N, M) score tensor of q (..., N, D) and k (..., M, D)."""
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]).numel()
+    return batch * q.shape[-2] * k.shape[-2]
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def compact_mask(t: Tensor | None, rank: int) -> Tensor | None:
+    """A broadcastable mask or bias as a ``rank``-D tensor whose broadcast (expanded,
+    stride-0) dimensions have size 1, with row-major strides on every dimension (size-1 ones
+    too): the same values after broadcasting, and one layout per broadcast pattern, which is
+    what the compiled kernels guard on."""
+    if t is None:
+        return None
+    while t.dim() < rank:
+        t = t.unsqueeze(0)
+    index = tuple(
+        slice(0, 1) if stride == 0 and size > 1 else slice(None)
+        for size, stride in zip(t.shape, t.stride(), strict=True)
+    )
+    t = t[index]
+    if t.stride() != _contiguous_strides(t.shape):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+class TensorCache:
+    """A small least-recently-used cache of values derived from tensors (a block mask from a
+    mask, ...), keyed on those tensors' identity and version: a tensor changed in place
+    since misses, and an entry goes when one of its tensors is freed (weak references, so
+    the cache keeps no mask alive). Bypassed while torch.compile traces."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
+
+    def get(self, tensors: Sequence[Tensor | None], extra: tuple, build: Callable[[], object]):
+        if torch.compiler.is_compiling():
+            return build()
+        present = [t for t in tensors if t is not None]
+        key = (tuple(None if t is None else (id(t), t._version) for t in tensors), extra)
+        entry = self.entries.get(key)
+        if entry is not None and all(r() is t for r, t in zip(entry[0], present, strict=True)):
+            self.entries.move_to_end(key)
+            return entry[1]
+        value = build()
+        entries = self.entries
+
+        def forget(_ref, key=key) -> None:
+            entries.pop(key, None)
+
+        self.entries[key] = (tuple(weakref.ref(t, forget) for t in present), value)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
 
 
 def _sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
@@ -321,6 +526,8 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative will be taken
+            return _differentiable_attention_backward(ctx, d_out)
         q, k, v, keep, bias, raw, m, s, drop, *params = ctx.saved_tensors
         dropout_p, scale, sigma, compiled = ctx.meta
         keep_prob = 1.0 - dropout_p
@@ -332,32 +539,33 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
         grad = kernel(_grad_kernel, sigma, compiled)
         # One batch slice at a time (the whole batch when a bias gradient is wanted): besides
         # R, only one slice's dP, P and dR are alive.
-        for sl in _batch_slices(q, k, v, whole=want_dh):
-            d_o = d_out[sl]
-            dp = torch.matmul(d_o, v[sl].transpose(-2, -1))
-            p, d_raw, d_h, d_par = grad(
-                raw[sl],
-                scale,
-                _part(keep, sl),
-                _part(bias, sl),
-                m[sl],
-                s[sl],
-                dp,
-                _part(drop, sl),
-                keep_prob,
-                (need_v, want_dh),
-                params,
-            )
-            del dp
-            if need_v:
-                dvs.append(torch.matmul(p.to(d_o.dtype).transpose(-2, -1), d_o))
-                del p
-            d_raw = d_raw.to(q.dtype)
-            if need_q:
-                dqs.append(torch.matmul(d_raw, k[sl]))
-            if need_k:
-                dks.append(torch.matmul(d_raw.transpose(-2, -1), q[sl]))
-            d_params = d_par if d_params is None else d_params + d_par
+        with autocast_disabled(q.device.type):
+            for sl in _batch_slices(q, k, v, whole=want_dh):
+                d_o = d_out[sl]
+                dp = torch.matmul(d_o, v[sl].transpose(-2, -1))
+                p, d_raw, d_h, d_par = grad(
+                    raw[sl],
+                    scale,
+                    _part(keep, sl),
+                    _part(bias, sl),
+                    m[sl],
+                    s[sl],
+                    dp,
+                    _part(drop, sl),
+                    keep_prob,
+                    (need_v, want_dh),
+                    params,
+                )
+                del dp
+                if need_v:
+                    dvs.append(torch.matmul(p.to(d_o.dtype).transpose(-2, -1), d_o))
+                    del p
+                d_raw = d_raw.to(q.dtype)
+                if need_q:
+                    dqs.append(torch.matmul(d_raw, k[sl]))
+                if need_k:
+                    dks.append(torch.matmul(d_raw.transpose(-2, -1), q[sl]))
+                d_params = d_par if d_params is None else d_params + d_par
 
         def join(parts: list[Tensor], like: Tensor) -> Tensor | None:
             if not parts:
@@ -366,12 +574,55 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
 
         dq, dk, dv = join(dqs, q), join(dks, k), join(dvs, v)
         d_bias = _sum_to(d_h, bias.shape).to(bias.dtype) if want_dh else None
-        grads, offset = [], 0
-        for param in params:
-            n = param.numel()
-            grads.append(d_params[offset : offset + n].reshape(param.shape).to(param.dtype))
-            offset += n
-        return (dq, dk, dv, None, d_bias, None, None, None, None, *grads)
+        return (dq, dk, dv, None, d_bias, None, None, None, None, *split_params(d_params, params))
+
+
+def split_params(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """A kernel's flattened σ-parameter gradient, one tensor per parameter (its shape, dtype)."""
+    grads, offset = [], 0
+    for param in params:
+        n = param.numel()
+        grads.append(flat[offset : offset + n].reshape(param.shape).to(param.dtype))
+        offset += n
+    return grads
+
+
+def autograd_backward(
+    outputs: Tensor, inputs: Sequence[Tensor | None], needed: Sequence[bool], grad: Tensor
+) -> list[Tensor | None]:
+    """Gradients of ``outputs`` (weighted by ``grad``) for the ``needed`` inputs, as a
+    differentiable graph (the double-backward route of the hand-written Functions)."""
+    wanted = [t for t, need in zip(inputs, needed, strict=True) if need and t is not None]
+    found = iter(torch.autograd.grad(outputs, wanted, grad, create_graph=True, allow_unused=True))
+    return [next(found) if need and t is not None else None for t, need in zip(inputs, needed)]
+
+
+def _differentiable_attention_backward(ctx, d_out):
+    """The backward as autograd of the plain formula, with graph, for a second derivative:
+    the hand-written backward is exact for first derivatives only (it treats the saved
+    statistics as constants). Costs what the reference path costs; only runs when asked."""
+    q, k, v, keep, bias, _raw, _m, _s, drop, *params = ctx.saved_tensors
+    dropout_p, scale, sigma, _compiled = ctx.meta
+    with torch.enable_grad():
+        p = _probs_kernel(sigma, torch.matmul(q, k.transpose(-2, -1)), scale, keep, bias, params)[0]
+        if drop is not None:
+            p = p * drop / (1.0 - dropout_p)
+        out = torch.matmul(p.to(v.dtype), v)
+        needed = ctx.needs_input_grad
+        dq, dk, dv, d_bias, *d_params = autograd_backward(
+            out, (q, k, v, bias, *params), (*needed[:3], needed[4], *needed[9:]), d_out
+        )
+    return (dq, dk, dv, None, d_bias, None, None, None, None, *d_params)
+
+
+def attention_without_scores(
+    q: Tensor, k: Tensor, v: Tensor, sigma: PointwiseSigma, params: Sequence[Tensor], scale: float
+) -> Tensor:
+    """Attention with no score at all (a batch, query or key length of 0): the empty output,
+    or zeros where queries have no key (as when all their keys are masked). The graph still
+    reaches q, k, v and σ's parameters, so each gets an (empty or zero) gradient."""
+    h = sigma.forward(upcast(torch.matmul(q, k.transpose(-2, -1))) * scale, *params)
+    return torch.matmul(h.to(v.dtype), v)
 
 
 def fused_attention(
@@ -388,17 +639,25 @@ def fused_attention(
     """Attention through the fused Function (training) or the inference kernel (no grad).
 
     ``keep``: bool, True = keep (causal already folded in); ``bias``: float, added after σ.
-    ``compiled=None`` follows :func:`use_compiled_kernels`.
+    ``compiled=None`` follows :func:`use_compiled_kernels`. Under autocast, q, k and v are
+    cast as autocast casts a matrix product's inputs and the rest runs outside autocast.
     """
     sigma = pointwise_sigma(normalizer)
     if sigma is None:
         raise ValueError(f"{type(normalizer).__name__} has no point-wise σ kernel")
+    (q, k, v), autocast_on = autocast_cast(q, k, v)
+    if autocast_on:
+        with autocast_disabled(q.device.type):
+            return fused_attention(q, k, v, normalizer, keep, bias, dropout_p, scale, compiled)
     params = tuple(sigma.params(normalizer))
-    num_scores = q.shape[-2] * k.shape[-2] * max(1, q[..., 0, 0].numel())
+    scores = num_scores(q, k)
+    if scores == 0:
+        return attention_without_scores(q, k, v, sigma, params, scale)
     if compiled is None:
-        compiled = use_compiled_kernels(num_scores)
-    if bias is not None:
-        bias = upcast(bias)
+        compiled = use_compiled_kernels(scores)
+    rank = max(q.dim(), k.dim())
+    keep = compact_mask(keep, rank)
+    bias = compact_mask(None if bias is None else upcast(bias), rank)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias, *params)
     )
@@ -420,14 +679,26 @@ def fused_attention(
 
 __all__ = [
     "COMPILE_MIN_SCORES",
+    "MULTIMAX_V2_SIGMA",
+    "CompiledKernel",
     "FusedSigmaSoftmaxAttention",
     "PointwiseSigma",
+    "TensorCache",
+    "attention_without_scores",
+    "autocast_cast",
+    "autocast_disabled",
+    "autograd_backward",
+    "compact_mask",
     "compile_available",
+    "compile_policy",
     "fused_attention",
+    "kernel",
+    "multimax_sigma",
+    "num_scores",
     "pointwise_sigma",
     "register_pointwise_sigma",
-    "kernel",
     "set_compile_policy",
+    "split_params",
     "upcast",
     "use_compiled_kernels",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .chunked_loss import sigma_cross_entropy, supports_chunked
 from .fused import use_compiled_kernels
@@ -60,6 +61,7 @@ class _FenchelYoung(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # p* − q is saved as a constant: a second derivative would be 0
     def backward(ctx, grad: Tensor):
         (diff,) = ctx.saved_tensors
         return grad.unsqueeze(-1) * diff, None, None

@@ -6,7 +6,11 @@
 b_k / d_k are the low / high thresholds and a_k / c_k the low / high coefficients. For
 K = 1 the slope of σ is t_b = 1 − a_1 below b and t_d = 1 + c_1 above d (identity between):
 t_b > 1 pushes small scores down (sparsity), t_d < 1 pulls large scores together (several
-modes keep mass).
+modes keep mass). Any order K >= 1 is allowed; the paper uses K = 1 and K = 2.
+
+MultiMax V2 (the authors' repository, 2026) puts a learned affine map before a first-order σ:
+
+    h = t·x + b  (scalars t, b; init t = 1, b = 0),   MultiMaxV2(x) = softmax(σ₁(h))
 """
 
 from __future__ import annotations
@@ -56,9 +60,22 @@ def multimax(
     return softmax_masked(h, mask, dim).to(x.dtype)
 
 
+def modulate_v2(
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    low_threshold: Tensor,
+    high_threshold: Tensor,
+    low_coef: Tensor,
+    high_coef: Tensor,
+) -> Tensor:
+    """MultiMax V2's σ₁(t·x + b), entry-wise; ``scale`` = t and ``shift`` = b have shape (1,)."""
+    return modulate(scale[0] * x + shift[0], low_threshold, high_threshold, low_coef, high_coef)
+
+
 @NORMALIZERS.register("multimax")
 class MultiMax(Normalizer):
-    """MultiMax normaliser with 4·K learnable scalars (K = ``order``, 1 or 2).
+    """MultiMax normaliser with 4·K learnable scalars (K = ``order``, any integer >= 1).
 
     All scalars start from a truncated normal with std 0.02 (the authors' initialisation),
     so a fresh MultiMax is SoftMax up to ~1e-2 relative change of the scores.
@@ -66,8 +83,11 @@ class MultiMax(Normalizer):
 
     def __init__(self, order: int = 2, init_std: float = INIT_STD) -> None:
         super().__init__()
-        if order not in (1, 2):
-            raise ValueError(f"MultiMax order must be 1 or 2 (the paper's), got {order}")
+        if isinstance(order, bool) or int(order) != order or order < 1:
+            raise ValueError(
+                f"MultiMax order must be an integer >= 1 (the paper uses 1 and 2), got {order!r}"
+            )
+        order = int(order)
         self.order = order
         self.low_threshold = nn.Parameter(torch.empty(order))
         self.high_threshold = nn.Parameter(torch.empty(order))
@@ -93,3 +113,37 @@ class MultiMax(Normalizer):
 
     def extra_repr(self) -> str:
         return f"order={self.order}"
+
+
+@NORMALIZERS.register("multimax_v2")
+class MultiMaxV2(MultiMax):
+    """MultiMax V2: softmax(σ₁(t·x + b)) with learned scalars t (``affine_scale``, init 1)
+    and b (``affine_shift``, init 0) before a first-order σ₁ (MultiMax's four scalars and
+    their initialisation). Six learnable scalars per instance.
+    """
+
+    def __init__(self, init_std: float = INIT_STD) -> None:
+        super().__init__(order=1, init_std=init_std)
+        self.affine_scale = nn.Parameter(torch.ones(1))  # t, shape (1,) as MultiMax's b_k ...
+        self.affine_shift = nn.Parameter(torch.zeros(1))  # b
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "affine_scale"):  # not yet while MultiMax.__init__ runs
+            with torch.no_grad():
+                self.affine_scale.fill_(1.0)
+                self.affine_shift.zero_()
+
+    def affine_parameters(self) -> tuple[Tensor, Tensor]:
+        """(t, b) of h = t·x + b: the leading arguments of :func:`modulate_v2`."""
+        return (self.affine_scale, self.affine_shift)
+
+    def modulate(self, x: Tensor) -> Tensor:
+        """σ₁(t·x + b), same shape and dtype as ``x``."""
+        params = (*self.affine_parameters(), *self.sigma_parameters())
+        return modulate_v2(x, *(p.to(x.dtype) for p in params))
+
+    transform = modulate
+
+    def extra_repr(self) -> str:
+        return "affine t·x + b, then first-order σ"

@@ -30,6 +30,12 @@ from torch import Tensor, nn
 # (threshold >= max/2 - 1); exp(-1e4) underflows to exactly 0 in float32 for softmax.
 _MASK_MARGIN = 1.0e4
 
+# An additive mask entry at or below this value is a masked entry, not a score offset:
+# fairseq fills masks with -1e8 (-1e4 in half precision), Hugging Face with finfo.min, and
+# exp(-1e4) is exactly 0 in every float type, so softmax gives such entries no weight anyway;
+# counting them as masked keeps them out of evsoftmax's row mean too.
+MASKED_BIAS = -1.0e4
+
 EVSOFTMAX_EPSILON = 1.0e-6
 
 
@@ -47,6 +53,8 @@ def _fill_masked(x: Tensor, keep: Tensor, dim: int) -> Tensor:
 def _apply_mapping(
     mapping: Callable[[Tensor, int], Tensor], x: Tensor, mask: Tensor | None, dim: int
 ) -> Tensor:
+    if x.shape[dim] == 0:  # no entry to normalise (zero keys): empty, still in the graph
+        return x * 0
     if mask is None:
         return mapping(x, dim)
     keep = mask.to(torch.bool).expand_as(x)
@@ -260,6 +268,7 @@ def build_normalizer(name: str | None = "softmax", **options) -> Normalizer:
 
 __all__ = [
     "EVSOFTMAX_EPSILON",
+    "MASKED_BIAS",
     "NORMALIZERS",
     "Entmax15",
     "EvSoftmax",

@@ -31,14 +31,19 @@ def strong(name: str, **options):
     with torch.no_grad():
         for p in n.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
-        if name == "multimax":
+        if name.startswith("multimax"):
             n.high_coef[0] = -0.8  # slope 0.2 above d_1: may reorder scores
+        if name == "multimax_v2":
+            n.affine_scale.fill_(1.3)  # h = 1.3·x + 0.4
+            n.affine_shift.fill_(0.4)
     return n
 
 
 NORMALIZERS = {
     "multimax2": lambda: strong("multimax", order=2),
     "multimax1": lambda: strong("multimax", order=1),
+    "multimax3": lambda: strong("multimax", order=3),
+    "multimax_v2": lambda: strong("multimax_v2"),
     "softmax_T0.5": lambda: build_normalizer("softmax", temperature=0.5),
     "softmax_learned": lambda: strong("softmax", temperature=2.0, learn_temperature=True),
 }
@@ -138,9 +143,10 @@ def test_fused_gradient_of_a_learned_additive_bias():
     assert_same(fast, ref)
 
 
+@pytest.mark.parametrize("norm", ["multimax2", "multimax3", "multimax_v2"])
 @pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal"])
-def test_inference_path_equals_reference_without_grad(mask_name):
-    normalizer = NORMALIZERS["multimax2"]()
+def test_inference_path_equals_reference_without_grad(norm, mask_name):
+    normalizer = NORMALIZERS[norm]()
     q, k, v = inputs(n=7)
     mask, causal = masks(2, 7, 7)[mask_name]
     with torch.no_grad():
@@ -225,7 +231,7 @@ def test_forcing_a_path_that_cannot_run_names_those_that_can():
     if not CUDA:
         with pytest.raises(ValueError, match=r"'flex'.*paths that can: fused, reference"):
             attention(q, k, v, NORMALIZERS["multimax2"](), impl="flex")
-    with pytest.raises(ValueError, match="valid: auto, flex"):
+    with pytest.raises(ValueError, match="valid: auto, sdpa, flex"):
         attention(q, k, v, "softmax", impl="triton")
 
 
@@ -243,12 +249,13 @@ def test_use_attention_impl_overrides_auto_only():
 
 
 def test_paths_are_registered_in_auto_order():
-    assert list(ATTENTION_PATHS) == ["flex", "sdpa", "inference", "fused", "reference"]
+    assert list(ATTENTION_PATHS) == ["sdpa", "flex", "inference", "fused", "reference"]
 
 
-def test_compiled_kernels_equal_reference():
+@pytest.mark.parametrize("norm", ["multimax2", "multimax3", "multimax_v2"])
+def test_compiled_kernels_equal_reference(norm):
     """One configuration through torch.compile'd kernels (forward, backward, inference)."""
-    normalizer = NORMALIZERS["multimax2"]()
+    normalizer = NORMALIZERS[norm]()
     q, k, v = inputs(n=7, m=9)
     mask, _ = masks(2, 7, 9)["additive"]
     keep, bias = split_mask(mask, torch.float32)
@@ -271,9 +278,10 @@ def test_compiled_kernels_equal_reference():
 
 
 @needs_flex
+@pytest.mark.parametrize("norm", ["multimax2", "multimax3", "multimax_v2"])
 @pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal", "causal+padding"])
-def test_flex_forward_equals_reference_on_this_device(mask_name):
-    normalizer = NORMALIZERS["multimax2"]()
+def test_flex_forward_equals_reference_on_this_device(norm, mask_name):
+    normalizer = NORMALIZERS[norm]()
     q, k, v = inputs(n=9)
     mask, causal = masks(2, 9, 9)[mask_name]
     with torch.no_grad():
@@ -294,7 +302,9 @@ def test_flex_with_more_keys_than_queries_aligns_causal_to_the_end():
 
 @needs_cuda
 @needs_flex
-@pytest.mark.parametrize("norm", ["multimax2", "multimax1", "softmax_learned"])
+@pytest.mark.parametrize(
+    "norm", ["multimax2", "multimax1", "multimax3", "multimax_v2", "softmax_learned"]
+)
 @pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal", "causal+padding"])
 def test_flex_gradients_equal_reference_on_cuda(norm, mask_name):
     normalizer = NORMALIZERS[norm]().cuda()
@@ -344,3 +354,246 @@ def test_fused_with_keys_shared_across_the_batch(monkeypatch):
     )
     fast = run_with_grads(lambda: attention(q, k, v, normalizer, impl="fused"), q, k, v, normalizer)
     assert_same(fast, ref)
+
+
+@pytest.mark.parametrize("norm", ["multimax1", "multimax2", "multimax3", "multimax_v2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_and_inference_in_half_precision_are_as_accurate_as_the_reference(norm, dtype):
+    """Half-precision q, k, v: outputs and gradients of the fast paths are no further from
+    float64 (same inputs) than the reference path's. q and k hold multiples of 1/2 and the
+    scale is 1/4, so every score is exact in half precision on both paths: what is compared
+    is the normaliser's arithmetic, not the rounding of the scores (σ is steep enough that
+    one rounding of a score moves a σ-parameter gradient by several percent in bf16)."""
+    normalizer = NORMALIZERS[norm]()
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randint(-2, 3, (2, 3, n, 8), generator=g) * 0.5 for n in (7, 9))
+    v = torch.randn(2, 3, 9, 8, generator=g)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    mask, _ = masks(2, 7, 9)["additive"]
+
+    def run(impl, q, k, v, normalizer, mask):
+        return run_with_grads(
+            lambda: attention(q, k, v, normalizer, mask=mask, scale=0.25, impl=impl),
+            q,
+            k,
+            v,
+            normalizer,
+        )
+
+    fast, ref = run("fused", q, k, v, normalizer, mask), run("reference", q, k, v, normalizer, mask)
+    with torch.no_grad():
+        infer = attention(q, k, v, normalizer, mask=mask, scale=0.25, impl="inference")
+    exact_normalizer = NORMALIZERS[norm]().double()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = run("reference", q64, k64, v64, exact_normalizer, mask.double())
+    assert fast[0].dtype == infer.dtype == dtype
+
+    def error(a, b):
+        return (a.double() - b).abs().max().item()
+
+    eps = torch.finfo(dtype).eps  # one rounding of the largest entry: noise, not a loss
+    for got in (fast[0], infer):
+        assert error(got, exact[0]) <= 2 * error(ref[0], exact[0]) + eps * exact[0].abs().max()
+    for got, base, want in zip(fast[1], ref[1], exact[1], strict=True):
+        assert error(got, want) <= 2 * error(base, want) + eps * want.abs().max()
+
+
+# --- issue 11: every fast path right wherever it is chosen -------------------------------------
+
+
+def test_sdpa_with_a_temperature_adds_a_finite_bias_after_dividing_by_t():
+    """softmax(x / T + bias), as the contract, the reference and the fused path have it."""
+    normalizer = build_normalizer("softmax", temperature=0.5)
+    q, k, v = inputs(n=6)
+    bias = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(7))
+    bias[0, 0, 2, :4] = float("-inf")
+    x = q @ k.transpose(-2, -1) / math.sqrt(8)
+    by_hand = torch.softmax(x / 0.5 + bias, -1) @ v
+    for impl in ("sdpa", "reference", "fused"):
+        out = attention(q, k, v, normalizer, mask=bias, impl=impl)
+        torch.testing.assert_close(out, by_hand, atol=1e-5, rtol=1e-5, msg=impl)
+
+
+def test_softmax_with_a_fixed_temperature_takes_sdpa_ahead_of_flex():
+    """Softmax baselines run what stock timm / fairseq run: SDPA comes first in the auto
+    order and accepts them, so flex (CUDA) never gets them; σ normalisers skip SDPA."""
+    q, k, v = inputs()
+    order = list(ATTENTION_PATHS)
+    assert order.index("sdpa") < order.index("flex")
+    for options in ({}, {"temperature": 0.5}):
+        probe = AttentionInputs(
+            q, k, v, build_normalizer("softmax", **options), None, None, False, 0.0, 0.3
+        )
+        assert ATTENTION_PATHS["sdpa"].auto_ok(probe)
+        assert select_path(probe) == "sdpa"
+    for norm in ("multimax2", "multimax_v2", "softmax_learned"):
+        probe = AttentionInputs(q, k, v, NORMALIZERS[norm](), None, None, False, 0.0, 0.3)
+        assert not ATTENTION_PATHS["sdpa"].can_run(probe)
+
+
+@needs_cuda
+def test_on_cuda_softmax_takes_sdpa_and_sigma_normalisers_take_flex():
+    q, k, v = inputs(n=40, d=16, device="cuda")
+    for name, expected in (
+        ("softmax", "sdpa"),
+        ("multimax2", "flex" if FLEX_AVAILABLE else "fused"),
+    ):
+        normalizer = (
+            build_normalizer("softmax") if name == "softmax" else NORMALIZERS[name]()
+        ).cuda()
+        probe = AttentionInputs(q, k, v, normalizer, None, None, False, 0.0, 0.25)
+        if expected != "fused":
+            assert select_path(probe) == expected
+
+
+def _cpu_autocast_run(impl, normalizer, grads):
+    q, k, v = inputs(n=7, m=9)
+    mask, _ = masks(2, 7, 9)["additive"]
+    leaves = [q, k, v, *normalizer.parameters()]
+    for t in leaves:
+        t.grad = None
+    with torch.set_grad_enabled(grads), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, normalizer, mask=mask, impl=impl)
+    if grads:
+        (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(
+    ("impl", "norm"),
+    [
+        ("reference", "multimax2"),
+        ("sdpa", "softmax_T0.5"),
+        ("fused", "multimax2"),
+        ("fused", "multimax_v2"),
+        ("fused", "softmax_learned"),
+        ("inference", "multimax2"),
+        pytest.param("flex", "multimax2", marks=needs_flex),
+    ],
+)
+def test_every_path_runs_forward_and_backward_under_cpu_bf16_autocast(impl, norm):
+    """fp32 q, k, v under bf16 autocast: the products run in bf16 as autocast runs them and
+    the path agrees with the reference under the same autocast (forward-only paths: no grad)."""
+    grads = impl not in ("inference", "flex")
+    normalizer = NORMALIZERS[norm]()
+    out, got = _cpu_autocast_run(impl, normalizer, grads)
+    ref, want = _cpu_autocast_run("reference", normalizer, grads)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, atol=3e-2 * w.abs().max().item() + 1e-3, rtol=0)
+
+
+def _second_derivatives(impl, q, k, v, normalizer, mask, causal):
+    """d/d(leaves) of Σ r·(d/d(leaves) Σ w·out): what gradient penalties and Hessian-vector
+    products compute."""
+    leaves = [q, k, v, *normalizer.parameters()]
+    out = attention(q, k, v, normalizer, mask=mask, is_causal=causal, impl=impl)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    first = torch.autograd.grad((out * w).sum(), leaves, create_graph=True)
+    g = torch.Generator().manual_seed(9)
+    mix = sum((d * torch.randn(d.shape, generator=g, dtype=d.dtype)).sum() for d in first)
+    return [d.detach() for d in first], torch.autograd.grad(mix, leaves, allow_unused=True)
+
+
+@pytest.mark.parametrize("norm", ["multimax2", "multimax3", "multimax_v2", "softmax_learned"])
+@pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal+padding"])
+def test_second_derivatives_through_the_fused_path_equal_the_reference(norm, mask_name):
+    normalizer = NORMALIZERS[norm]().double()
+    q, k, v = (
+        t.detach().double().requires_grad_()
+        for t in inputs(n=5, m=5 if "causal" in mask_name else 6, d=4)
+    )
+    mask, causal = masks(2, 5, k.shape[2])[mask_name]
+    mask = None if mask is None or mask.dtype == torch.bool else mask.double()
+    if mask_name == "bool":
+        mask = masks(2, 5, 6)["bool"][0]
+    first_f, second_f = _second_derivatives("fused", q, k, v, normalizer, mask, causal)
+    first_r, second_r = _second_derivatives("reference", q, k, v, normalizer, mask, causal)
+    for a, b in zip(first_f + list(second_f), first_r + list(second_r), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_fused_attention_passes_gradgradcheck():
+    normalizer = NORMALIZERS["multimax2"]().double()
+    q, k, v = (t.detach().double().requires_grad_() for t in inputs(b=1, h=2, n=4, d=3))
+    bias = torch.randn(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, bias):
+        return attention(q, k, v, normalizer, mask=bias, impl="fused")
+
+    assert torch.autograd.gradgradcheck(fn, (q, k, v, bias))
+
+
+EMPTY = {"batch 0": (0, 5, 6), "queries 0": (2, 0, 6), "keys 0": (2, 5, 0)}
+
+
+@pytest.mark.parametrize("case", list(EMPTY))
+@pytest.mark.parametrize(
+    ("impl", "norm"),
+    [
+        ("auto", "multimax2"),
+        ("auto", "softmax"),
+        ("reference", "multimax2"),
+        ("reference", "sparsemax"),
+        ("sdpa", "softmax"),
+        ("fused", "multimax_v2"),
+        ("inference", "multimax2"),
+        pytest.param("flex", "multimax2", marks=needs_flex),
+    ],
+)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "causal"])
+def test_inputs_without_scores_give_the_empty_or_zero_output_with_gradients(
+    case, impl, norm, mask_kind
+):
+    """A batch of 0, queries of length 0 or keys of length 0: the output has the right shape
+    (zeros for queries without keys, as for fully masked rows) and every gradient is there,
+    zero; forward-only paths run without gradients."""
+    b, n, m = EMPTY[case]
+    grads = impl not in ("inference", "flex")
+    normalizer = NORMALIZERS[norm]() if norm in NORMALIZERS else build_normalizer(norm)
+    q, k, v = (torch.randn(b, 3, length, 4, requires_grad=grads) for length in (n, m, m))
+    mask = torch.ones(b, 1, n, m, dtype=torch.bool) if mask_kind == "bool" else None
+    with torch.set_grad_enabled(grads):
+        out = attention(q, k, v, normalizer, mask=mask, is_causal=mask_kind == "causal", impl=impl)
+    assert out.shape == (b, 3, n, 4)
+    assert (out == 0).all()
+    if grads:
+        out.sum().backward()
+        for t in (q, k, v, *normalizer.parameters()):
+            assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+FINITE_FILLS = [
+    (torch.float32, -1e8),  # fairseq's encoder attn_mask fill
+    (torch.float32, torch.finfo(torch.float32).min),  # Hugging Face's
+    (torch.float16, -1e4),  # fairseq's fill in half precision
+    (torch.float16, torch.finfo(torch.float16).min),
+    (torch.bfloat16, -1e4),  # rounds to -9984 in bfloat16
+    (torch.bfloat16, torch.finfo(torch.bfloat16).min),
+]
+
+
+@pytest.mark.parametrize(("dtype", "fill"), FINITE_FILLS, ids=lambda x: str(x))
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_large_finite_negative_mask_entries_count_as_masked(dtype, fill, impl):
+    """evsoftmax's row mean (and every normaliser) treats fairseq's −1e8 / −1e4 and
+    finfo.min fills exactly as a boolean mask."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    keep[0, :, :, 3:] = False
+    keep[1, :, :, 1] = False
+    additive = torch.zeros(2, 1, 5, 5, dtype=dtype).masked_fill(~keep, fill)
+    for name in ("evsoftmax", "softmax", "sparsemax", "multimax"):
+        normalizer = build_normalizer(name).eval()
+        want = attention(q, k, v, normalizer, mask=keep, impl="reference")
+        got = attention(q, k, v, normalizer, mask=additive, impl=impl)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+    mask = torch.tensor([0.0, -3.0, fill, float("-inf")], dtype=dtype)
+    keep_split, bias = split_mask(mask, torch.float32)
+    assert keep_split.tolist() == [True, True, False, False]
+    assert bias.tolist() == [0.0, -3.0, 0.0, 0.0]

@@ -19,7 +19,15 @@ EXPERIMENTS = {
     "language_model": ["lm_wikitext103"],
     "translation": ["mt_iwslt14_deen", "mt_wmt14_ende"],
 }
-NORMALIZERS = ["softmax", "softmax_learned_temp", "sparsemax", "entmax15", "evsoftmax", "multimax"]
+NORMALIZERS = [
+    "softmax",
+    "softmax_learned_temp",
+    "sparsemax",
+    "entmax15",
+    "evsoftmax",
+    "multimax",
+    "multimax_v2",
+]
 
 
 @pytest.mark.parametrize(

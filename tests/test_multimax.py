@@ -40,9 +40,10 @@ def test_init_is_truncated_normal_std_002():
     assert 0.012 < values.std() < 0.02  # std of a N(0, 0.02) truncated at ±2σ is ~0.0176
 
 
-@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_modulate_matches_formula_with_hand_set_parameters(order):
-    b, d, a, c = [-0.5, 0.3][:order], [1.0, 1.5][:order], [-2.0, 0.7][:order], [-0.5, 0.2][:order]
+    b, d = [-0.5, 0.3, 0.1, -0.2][:order], [1.0, 1.5, 0.5, 2.0][:order]
+    a, c = [-2.0, 0.7, 0.2, -0.1][:order], [-0.5, 0.2, -0.1, 0.05][:order]
     m = set_params(MultiMax(order=order), b, d, a, c)
     xs = torch.linspace(-3, 3, 61)
     expected = torch.tensor([sigma_by_hand(float(x), b, d, a, c) for x in xs])
@@ -74,17 +75,69 @@ def test_functional_equals_module_and_dim_argument():
     torch.testing.assert_close(multimax.multimax(x, *m.sigma_parameters(), dim=1), p)
 
 
-def test_gradcheck_inputs_and_parameters_float64():
+@pytest.mark.parametrize("order", [2, 3])
+def test_gradcheck_inputs_and_parameters_float64(order):
     torch.manual_seed(1)
-    m = set_params(MultiMax(order=2), [-0.3, 0.1], [0.4, 0.9], [-1.0, 0.5], [-0.4, 0.3]).double()
+    values = ([-0.3, 0.1, 0.2], [0.4, 0.9, 0.3], [-1.0, 0.5, 0.2], [-0.4, 0.3, -0.1])
+    m = set_params(MultiMax(order=order), *(v[:order] for v in values)).double()
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_() for p in m.sigma_parameters()]
     assert torch.autograd.gradcheck(lambda x, *ps: multimax.multimax(x, *ps), (x, *params))
 
 
-def test_invalid_order_is_a_clear_error():
-    with pytest.raises(ValueError, match="order must be 1 or 2"):
-        MultiMax(order=3)
+@pytest.mark.parametrize("order", [0, -1, 1.5, True, "2"])
+def test_invalid_order_is_a_clear_error(order):
+    with pytest.raises(ValueError, match="order must be an integer >= 1"):
+        MultiMax(order=order)
+
+
+def test_any_order_has_four_scalars_per_term():
+    m = MultiMax(order=5)
+    assert all(p.shape == (5,) for p in m.sigma_parameters())
+    assert sum(p.numel() for p in m.parameters()) == 20
+
+
+# --- MultiMax V2 -------------------------------------------------------------------------------
+
+
+def test_v2_is_a_learned_affine_map_then_first_order_sigma():
+    """MultiMaxV2(x) = softmax(σ₁(t·x + b)) (BRIEF §6), against the formula by hand."""
+    m = multimax.build_normalizer("multimax_v2")
+    assert isinstance(m, multimax.MultiMaxV2) and m.order == 1
+    set_params(m, [-0.5], [1.0], [-2.0], [-0.5])
+    with torch.no_grad():
+        m.affine_scale.fill_(1.5)
+        m.affine_shift.fill_(-0.25)
+    xs = torch.linspace(-3, 3, 61)
+    h = 1.5 * xs - 0.25
+    expected = torch.tensor([sigma_by_hand(float(v), [-0.5], [1.0], [-2.0], [-0.5]) for v in h])
+    torch.testing.assert_close(m.modulate(xs), expected, atol=1e-5, rtol=1e-5)
+    x = torch.randn(4, 7)
+    torch.testing.assert_close(m(x), torch.softmax(m.modulate(x), -1))
+
+
+def test_v2_starts_from_identity_affine_map_and_has_six_scalars():
+    torch.manual_seed(0)
+    m = multimax.MultiMaxV2()
+    assert m.affine_scale.item() == 1.0 and m.affine_shift.item() == 0.0
+    assert sum(p.numel() for p in m.parameters()) == 6
+    assert all(p.abs().max() <= 0.04 for p in m.sigma_parameters())  # MultiMax's init
+    with torch.no_grad():
+        m.affine_scale.fill_(3.0)
+    m.reset_parameters()
+    assert m.affine_scale.item() == 1.0
+
+
+def test_v2_gradcheck_inputs_and_parameters_float64():
+    torch.manual_seed(2)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    values = ([1.3], [-0.2], [-0.3], [0.4], [-1.0], [-0.4])
+    params = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values]
+
+    def fn(x, *ps):
+        return torch.softmax(multimax.modulate_v2(x, *ps), -1)
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
 
 
 def test_parameters_receive_gradients():

@@ -20,12 +20,16 @@ VARIANTS = [
     ("evsoftmax", {}),
     ("multimax", {"order": 1}),
     ("multimax", {"order": 2}),
+    ("multimax", {"order": 3}),
+    ("multimax", {"order": 5}),
+    ("multimax_v2", {}),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in VARIANTS]
 
 
 def test_registry_lists_the_five_names():
     assert {"softmax", "sparsemax", "entmax15", "evsoftmax", "multimax"} <= set(NORMALIZERS)
+    assert "multimax_v2" in NORMALIZERS
     text = repr(NORMALIZERS)
     assert all(name in text for name in ALL)
 
@@ -96,12 +100,14 @@ def test_dim_argument(name, kw):
 def test_gradcheck_float64_inputs_and_parameters(name, kw):
     torch.manual_seed(3)
     n = build_normalizer(name, **kw).double().train()
-    if name == "multimax":
+    if name.startswith("multimax"):
         with torch.no_grad():  # away from the default ~0 so every σ piece is exercised
-            for p, v in zip(
-                n.sigma_parameters(), ([-0.4, 0.2], [0.5, 0.8], [-1.0, 0.3], [-0.5, 0.2])
-            ):
-                p.copy_(torch.tensor(v[: n.order], dtype=torch.float64))
+            values = ([-0.4, 0.2, 0.1], [0.5, 0.8, 0.9], [-1.0, 0.3, 0.1], [-0.5, 0.2, 0.05])
+            for p, v in zip(n.sigma_parameters(), values, strict=True):
+                p.copy_(torch.tensor((v * 2)[: n.order], dtype=torch.float64))
+            if name == "multimax_v2":
+                n.affine_scale.fill_(1.3)
+                n.affine_shift.fill_(-0.2)
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[1, 2:4] = False
@@ -185,3 +191,15 @@ def test_outputs_lie_on_the_simplex(name, kw, x):
     assert torch.isfinite(p).all()
     assert (p >= 0).all()
     torch.testing.assert_close(p.sum(-1), torch.ones(x.shape[0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "kw"), VARIANTS, ids=IDS)
+@pytest.mark.parametrize("mask", [False, True])
+def test_rows_without_entries_give_an_empty_result_with_gradients(name, kw, mask):
+    """Zero keys (a dimension of size 0 along ``dim``): an empty result, no error."""
+    n = build_normalizer(name, **kw)
+    x = torch.randn(3, 0, requires_grad=True)
+    p = n(x, mask=torch.ones(3, 0, dtype=torch.bool) if mask else None)
+    assert p.shape == (3, 0)
+    p.sum().backward()
+    assert x.grad.shape == (3, 0)
