@@ -26,6 +26,7 @@ from .normalizers import (
     build_normalizer,
 )
 from .optim import no_weight_decay_names, param_groups
+from .output_layer import linear_sigma_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "attention_with_weights",
     "build_loss",
     "build_normalizer",
+    "linear_sigma_cross_entropy",
     "modulate",
     "modulate_v2",
     "multimax",

@@ -215,10 +215,11 @@ def _fused(inputs: AttentionInputs) -> Tensor:
         inputs.k,
         inputs.v,
         inputs.normalizer,
-        keep=combined_keep(inputs),
+        keep=inputs.keep,
         bias=inputs.bias,
         dropout_p=inputs.dropout_p,
         scale=inputs.scale,
+        is_causal=inputs.is_causal,
     )
 
 

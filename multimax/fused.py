@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 import weakref
@@ -181,54 +182,64 @@ def upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _scores(sigma, raw, scale, keep, bias, params):
-    h = sigma.forward(upcast(raw) * scale, *params)
+def causal_keep_of(h: Tensor) -> Tensor:
+    """Bool (N, M) for a score block h (..., N, M) whose rows are the last N queries before
+    keys 0..M-1: query i sees keys j <= i + M − N (aligned to the end, as the contract has
+    it). Built from h's own sizes, so a compiled kernel needs no offset argument."""
+    n, m = h.shape[-2], h.shape[-1]
+    rows = torch.arange(n, device=h.device).unsqueeze(-1)
+    return torch.arange(m, device=h.device) <= rows + (m - n)
+
+
+def _scores(sigma, x, keep, bias, causal, params):
+    """H = σ(x) + bias, −∞ where masked (``keep`` False, or above the diagonal if causal)."""
+    h = sigma.forward(x, *params)
     if bias is not None:
         h = h + bias
+    if causal:
+        h = h.masked_fill(~causal_keep_of(h), float("-inf"))
     if keep is not None:
         h = h.masked_fill(~keep, float("-inf"))
     return h
 
 
-def _probs_kernel(sigma, raw, scale, keep, bias, params):
-    """P = softmax(H) (zeros for masked entries and empty rows), the row max m and the row
-    sum s of exp(H − m) (1 on empty rows): P = exp(H − m) / s is recomputed bit for bit."""
-    h = _scores(sigma, raw, scale, keep, bias, params)
+def _probs_kernel(sigma, raw, scale, keep, bias, causal, params):
+    """(P in raw's dtype, ℓ): P = softmax of each row of H, and its log-sum-exp as the pair
+    ℓ = (m, log s) (row max m, s = Σ exp(H − m); (0, 0) on a row without any key, whose P
+    is all zeros). P = exp((H − m) − log s) is recomputed from ℓ bit for bit in the backward;
+    the pair, not m + log s, because rounding that sum would scale the whole row of P by a
+    relative error of about ulp(m), ten times the softmax's own."""
+    h = _scores(sigma, upcast(raw) * scale, keep, bias, causal, params)
     m = h.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    e = torch.exp(h - m)
-    s = e.sum(-1, keepdim=True)
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return e / s, m, s
+    s = torch.exp(h - m).sum(-1, keepdim=True)
+    log_s = torch.log(torch.where(s > 0, s, torch.ones_like(s)))
+    return torch.exp((h - m) - log_s).to(raw.dtype), torch.cat([m, log_s], dim=-1)
 
 
-def _inference_kernel(sigma, raw, scale, keep, bias, params):
-    return _probs_kernel(sigma, raw, scale, keep, bias, params)[0]
+def _inference_kernel(sigma, raw, scale, keep, bias, causal, params):
+    return _probs_kernel(sigma, raw, scale, keep, bias, causal, params)[0]
 
 
-def _grad_kernel(sigma, raw, scale, keep, bias, m, s, dp, drop, keep_prob, want, params):
-    """(P for dv or None, dR, dH or None, dθ): dR = scale · σ'(x) ⊙ dH. ``want`` = (P, dH):
-    each returned N×M tensor is one more at the backward's peak, so only when needed
-    (P when v needs a gradient, dH for an additive mask's gradient)."""
+def _grad_kernel(sigma, raw, scale, keep, bias, causal, lse, dp, drop, keep_prob, want, params):
+    """(P for dv or None, dR, dH or None, dθ) of one tile: P = exp(H − ℓ) recomputed,
+    dH = P ⊙ (dP − rowsum(P ⊙ dP)), dR = scale · σ'(x) ⊙ dH. ``want`` = (P, dH): each
+    returned tile is one more temporary, so only when needed (P when v needs a gradient,
+    dH for an additive mask's gradient)."""
     want_p, want_dh = want
     x = upcast(raw) * scale
-    h = sigma.forward(x, *params)
-    if bias is not None:
-        h = h + bias
-    if keep is not None:
-        h = h.masked_fill(~keep, float("-inf"))
-    p = torch.exp(h - m) / s
+    p = torch.exp((_scores(sigma, x, keep, bias, causal, params) - lse[..., :1]) - lse[..., 1:])
     p_out = None
     if want_p:
-        p_out = p if drop is None else p * drop / keep_prob
+        p_out = (p if drop is None else p * drop / keep_prob).to(raw.dtype)
+    dp = upcast(dp)
     if drop is not None:
         dp = dp * drop / keep_prob
-    dp = upcast(dp)
     # δ = rowsum(P ⊙ dP), as softmax's own backward has it (rowsum(dO ⊙ O) is equal in exact
     # arithmetic but cancels badly when σ steepens the scores).
     dh = p * (dp - (p * dp).sum(-1, keepdim=True))
     dx, dparams = sigma.backward(x, dh, *params)
-    return p_out, dx * scale, (dh if want_dh else None), dparams
+    return p_out, (dx * scale).to(raw.dtype), (dh if want_dh else None), dparams
 
 
 # Score tensors at least this large use compiled kernels under the "auto" policy: below it
@@ -466,6 +477,74 @@ class TensorCache:
         return value
 
 
+# Score tiles of about this many entries: every N×M temporary (scores, P, dP, dR) exists one
+# tile at a time, and nothing N×M is kept from the forward for the backward.
+SLICE_SCORES = 1 << 19
+# Query rows per tile under a causal mask: a tile sees only the keys up to its last row, so
+# smaller tiles skip more of the masked triangle (and cost more calls).
+CAUSAL_TILE_ROWS = 128
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rows ``rows`` of batch items ``batch`` (dimension 0 of a 4-D batch) against keys
+    ``0 .. keys-1`` (all of them unless causal)."""
+
+    batch: slice
+    rows: slice
+    keys: int
+
+
+def attention_tiles(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> list[Tile]:
+    """Tiles covering every (batch item, query row) that has a key, each of about
+    ``SLICE_SCORES`` scores: whole rows (every key a row sees is in its tile, so a row's
+    softmax needs no second pass), rows split evenly, batch items grouped while they fit.
+    Under a causal mask a tile stops at the key of its last row (keys past it are skipped) and
+    rows with no key at all (more queries than keys) are in no tile. q, k, v that do not
+    share a 4-D batch are tiled over rows only."""
+    n, m = q.shape[-2], k.shape[-2]
+    batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    sliceable = q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0]
+    items = batch_shape[0] if sliceable else 1
+    per_row = math.prod(batch_shape[1:] if sliceable else batch_shape) * m  # one batch item
+    rows = max(1, SLICE_SCORES // max(per_row, 1))
+    if causal:
+        rows = min(rows, CAUSAL_TILE_ROWS)
+    count = -(-n // min(rows, n))
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    step = max(1, SLICE_SCORES // max(per_row * (bounds[1] - bounds[0]), 1))
+    tiles = []
+    for b0 in range(0, items, step):
+        batch = slice(None) if not sliceable or step >= items else slice(b0, b0 + step)
+        for i0, i1 in zip(bounds, bounds[1:]):
+            keys = min(m, i1 + m - n) if causal else m
+            if keys > 0:
+                tiles.append(Tile(batch, slice(i0, i1), keys))
+    return tiles
+
+
+def _rows(t: Tensor, tile: Tile) -> Tensor:
+    """The tile's query rows of a (..., N, ·) tensor (a view)."""
+    return _part(t, tile.batch)[..., tile.rows, :]
+
+
+def _keys(t: Tensor, tile: Tile) -> Tensor:
+    """The tile's keys of a (..., M, ·) tensor (a view)."""
+    return _part(t, tile.batch)[..., : tile.keys, :]
+
+
+def _scores_part(t: Tensor | None, tile: Tile) -> Tensor | None:
+    """The tile's part of a mask / bias broadcastable to (B, H, N, M) (a view)."""
+    if t is None:
+        return None
+    t = _part(t, tile.batch)
+    if t.shape[-2] != 1:
+        t = t[..., tile.rows, :]
+    if t.shape[-1] != 1:
+        t = t[..., : tile.keys]
+    return t
+
+
 def _sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
     """Sum a broadcast gradient back to ``shape``."""
     lead = t.dim() - len(shape)
@@ -475,106 +554,163 @@ def _sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-# Batch slices whose score block has about this many entries: the N×M temporaries (P, dP,
-# dR) then exist one slice at a time, and only the saved scores R exist at full size.
-SLICE_SCORES = 1 << 20
-
-
-def _batch_slices(q: Tensor, k: Tensor, v: Tensor, whole: bool = False) -> list[slice]:
-    """Slices of the batch; one covering everything when q, k, v do not share a 4-D batch."""
-    same = q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0]
-    batch = q.shape[0] if same else 1
-    per_item = q[0].numel() // q.shape[-1] * k.shape[-2] if same else 0
-    if whole or batch <= 1 or per_item == 0:
-        return [slice(None)]
-    step = max(1, SLICE_SCORES // per_item)
-    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
-
-
 def _part(t: Tensor | None, sl: slice) -> Tensor | None:
-    """The batch slice of a (possibly broadcast) 4-D mask / bias / saved tensor."""
+    """The batch slice of a (possibly broadcast) 4-D mask / bias / input."""
     if t is None or sl == slice(None) or t.dim() < 4 or t.shape[0] == 1:
         return t
     return t[sl]
 
 
+def _matmul_into_(acc: Tensor, a: Tensor, b: Tensor, add: bool) -> None:
+    """acc = a @ b, or acc += a @ b when ``add``, in place: one batched GEMM writing into acc
+    (a view) when the batch folds into one dimension and the dtypes agree, so no temporary
+    of acc's size; else through a product (summed over broadcast batch dimensions)."""
+    if acc.dtype == a.dtype == b.dtype and a.shape[:-2] == b.shape[:-2] == acc.shape[:-2]:
+        try:
+            flat = acc.view(-1, *acc.shape[-2:])
+        except RuntimeError:  # the batch does not fold without a copy
+            pass
+        else:
+            a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+            flat.baddbmm_(a, b, beta=1 if add else 0)  # beta 0: acc's old values are ignored
+            return
+    product = _sum_to(torch.matmul(a, b), acc.shape)
+    acc.add_(product) if add else acc.copy_(product)
+
+
+def _row_buffer(like: Tensor, shape: Sequence[int], causal: bool, keys: int, **kw) -> Tensor:
+    """A buffer that the tiles write row by row: uninitialised when every row is in a tile,
+    zeros when some rows have no key (causal with more queries than keys)."""
+    some_rows_without_keys = causal and keys < shape[-2]
+    make = torch.zeros if some_rows_without_keys else torch.empty
+    return make(*shape, dtype=kw.get("dtype", like.dtype), device=like.device)
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _replayed_rng(device: torch.device, state: Tensor):
+    """A block that draws the same random numbers as after ``state`` was taken, leaving the
+    global generator as it was: dropout masks are redrawn in the backward, never saved."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        if cuda:
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
+def _dropout_keep(shape: Sequence[int], device: torch.device, dropout_p: float) -> Tensor:
+    return torch.rand(shape, device=device) >= dropout_p
+
+
 class FusedSigmaSoftmaxAttention(torch.autograd.Function):
-    """softmax(σ(q·kᵀ·scale) + bias, masked) · v with a hand-written, memory-lean backward."""
+    """softmax(σ(q·kᵀ·scale) + bias, masked) · v, tile by tile; the forward keeps q, k, v and
+    one log-sum-exp per row, the backward recomputes each tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, keep, bias, dropout_p, scale, sigma, compiled, *params):
-        raw = torch.matmul(q, k.transpose(-2, -1))
-        slices = _batch_slices(q, k, v)
-        outs, ms, ss, drops = [], [], [], []
+    def forward(ctx, q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, *params):
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        out = _row_buffer(v, (*batch, q.shape[-2], v.shape[-1]), causal, k.shape[-2])
+        lse = torch.zeros(*batch, q.shape[-2], 2, dtype=upcast(q).dtype, device=q.device)
+        rng = _rng_state(q.device) if dropout_p > 0 else None
         probs = kernel(_probs_kernel, sigma, compiled)
-        for sl in slices:
-            p, m, s = probs(raw[sl], scale, _part(keep, sl), _part(bias, sl), params)
+        for tile in attention_tiles(q, k, v, causal):
+            raw = torch.matmul(_rows(q, tile), _keys(k, tile).transpose(-2, -1))
+            p, tile_lse = probs(
+                raw, scale, _scores_part(keep, tile), _scores_part(bias, tile), causal, params
+            )
+            del raw
             if dropout_p > 0:
-                drop = torch.rand(p.shape, device=p.device) >= dropout_p
-                p = p * drop / (1.0 - dropout_p)
-                drops.append(drop)
-            outs.append(torch.matmul(p.to(v.dtype), v[sl]))
-            ms.append(m)
-            ss.append(s)
+                p = p * _dropout_keep(p.shape, p.device, dropout_p) / (1.0 - dropout_p)
+            _matmul_into_(_rows(out, tile), p.to(v.dtype), _keys(v, tile), add=False)
+            _rows(lse, tile).copy_(tile_lse)
             del p
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        m, s = torch.cat(ms), torch.cat(ss)
-        drop = torch.cat(drops) if drops else None
-        ctx.save_for_backward(q, k, v, keep, bias, raw, m, s, drop, *params)
-        ctx.meta = (dropout_p, scale, sigma, compiled)
+        ctx.save_for_backward(q, k, v, keep, bias, lse, *params)
+        ctx.meta = (causal, dropout_p, scale, sigma, compiled, rng)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         if torch.is_grad_enabled():  # create_graph=True: a second derivative will be taken
             return _differentiable_attention_backward(ctx, d_out)
-        q, k, v, keep, bias, raw, m, s, drop, *params = ctx.saved_tensors
-        dropout_p, scale, sigma, compiled = ctx.meta
+        q, k, v, keep, bias, lse, *params = ctx.saved_tensors
+        causal, dropout_p, scale, sigma, compiled, rng = ctx.meta
         keep_prob = 1.0 - dropout_p
         d_out = d_out.contiguous()
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         want_dh = bias is not None and ctx.needs_input_grad[4]
-        dqs, dks, dvs = [], [], []
-        d_params = d_h = None
+        batch = d_out.shape[:-2]
+        # dk, dv add up over a batch item's tiles: float32 for half precision inputs.
+        acc = upcast(q).dtype
+        dq = _row_buffer(q, (*batch, *q.shape[-2:]), causal, k.shape[-2])
+        dk = torch.zeros(*batch, *k.shape[-2:], dtype=acc, device=k.device) if need_k else None
+        dv = torch.zeros(*batch, *v.shape[-2:], dtype=acc, device=v.device) if need_v else None
+        d_bias = torch.zeros(bias.shape, dtype=acc, device=q.device) if want_dh else None
+        d_params = torch.zeros(sum(p.numel() for p in params), dtype=acc, device=q.device)
         grad = kernel(_grad_kernel, sigma, compiled)
-        # One batch slice at a time (the whole batch when a bias gradient is wanted): besides
-        # R, only one slice's dP, P and dR are alive.
-        with autocast_disabled(q.device.type):
-            for sl in _batch_slices(q, k, v, whole=want_dh):
-                d_o = d_out[sl]
-                dp = torch.matmul(d_o, v[sl].transpose(-2, -1))
+        replay = _replayed_rng(q.device, rng) if rng is not None else contextlib.nullcontext()
+        with autocast_disabled(q.device.type), replay:
+            for tile in attention_tiles(q, k, v, causal):
+                q_t, k_t, v_t, d_o = (
+                    _rows(q, tile),
+                    _keys(k, tile),
+                    _keys(v, tile),
+                    _rows(d_out, tile),
+                )
+                raw = torch.matmul(q_t, k_t.transpose(-2, -1))
+                drop = _dropout_keep(raw.shape, raw.device, dropout_p) if rng is not None else None
+                dp = torch.matmul(d_o, v_t.transpose(-2, -1))
                 p, d_raw, d_h, d_par = grad(
-                    raw[sl],
+                    raw,
                     scale,
-                    _part(keep, sl),
-                    _part(bias, sl),
-                    m[sl],
-                    s[sl],
+                    _scores_part(keep, tile),
+                    _scores_part(bias, tile),
+                    causal,
+                    _rows(lse, tile),
                     dp,
-                    _part(drop, sl),
+                    drop,
                     keep_prob,
                     (need_v, want_dh),
                     params,
                 )
-                del dp
+                del raw, dp, drop
                 if need_v:
-                    dvs.append(torch.matmul(p.to(d_o.dtype).transpose(-2, -1), d_o))
+                    _matmul_into_(_keys(dv, tile), p.transpose(-2, -1), d_o, add=True)
                     del p
-                d_raw = d_raw.to(q.dtype)
                 if need_q:
-                    dqs.append(torch.matmul(d_raw, k[sl]))
+                    _matmul_into_(_rows(dq, tile), d_raw, k_t, add=False)
                 if need_k:
-                    dks.append(torch.matmul(d_raw.transpose(-2, -1), q[sl]))
-                d_params = d_par if d_params is None else d_params + d_par
+                    _matmul_into_(_keys(dk, tile), d_raw.transpose(-2, -1), q_t, add=True)
+                del d_raw
+                if want_dh:
+                    region = _scores_part(d_bias, tile)
+                    region.add_(_sum_to(d_h, region.shape))
+                d_params += d_par
 
-        def join(parts: list[Tensor], like: Tensor) -> Tensor | None:
-            if not parts:
-                return None
-            return _sum_to(parts[0] if len(parts) == 1 else torch.cat(parts), like.shape)
+        def grad_of(buffer: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
+            return _sum_to(buffer, like.shape).to(like.dtype) if needed else None
 
-        dq, dk, dv = join(dqs, q), join(dks, k), join(dvs, v)
-        d_bias = _sum_to(d_h, bias.shape).to(bias.dtype) if want_dh else None
-        return (dq, dk, dv, None, d_bias, None, None, None, None, *split_params(d_params, params))
+        dq, dk, dv = grad_of(dq, q, need_q), grad_of(dk, k, need_k), grad_of(dv, v, need_v)
+        d_bias = d_bias.to(bias.dtype) if want_dh else None
+        return (
+            dq,
+            dk,
+            dv,
+            None,
+            d_bias,
+            None,
+            None,
+            None,
+            None,
+            None,
+            *split_params(d_params, params),
+        )
 
 
 def split_params(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
@@ -600,19 +736,26 @@ def autograd_backward(
 def _differentiable_attention_backward(ctx, d_out):
     """The backward as autograd of the plain formula, with graph, for a second derivative:
     the hand-written backward is exact for first derivatives only (it treats the saved
-    statistics as constants). Costs what the reference path costs; only runs when asked."""
-    q, k, v, keep, bias, _raw, _m, _s, drop, *params = ctx.saved_tensors
-    dropout_p, scale, sigma, _compiled = ctx.meta
+    statistics as constants). Costs what the reference path costs (the whole N×M weights
+    and dropout mask, redrawn); only runs when asked."""
+    q, k, v, keep, bias, _lse, *params = ctx.saved_tensors
+    causal, dropout_p, scale, sigma, _compiled, rng = ctx.meta
     with torch.enable_grad():
-        p = _probs_kernel(sigma, torch.matmul(q, k.transpose(-2, -1)), scale, keep, bias, params)[0]
-        if drop is not None:
+        raw = torch.matmul(q, k.transpose(-2, -1))
+        p = _probs_kernel(sigma, raw, scale, keep, bias, causal, params)[0]
+        if rng is not None:
+            drop = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+            with _replayed_rng(q.device, rng):
+                for tile in attention_tiles(q, k, v, causal):
+                    part = _rows(drop, tile)[..., : tile.keys]
+                    part.copy_(_dropout_keep(part.shape, part.device, dropout_p))
             p = p * drop / (1.0 - dropout_p)
         out = torch.matmul(p.to(v.dtype), v)
         needed = ctx.needs_input_grad
         dq, dk, dv, d_bias, *d_params = autograd_backward(
-            out, (q, k, v, bias, *params), (*needed[:3], needed[4], *needed[9:]), d_out
+            out, (q, k, v, bias, *params), (*needed[:3], needed[4], *needed[10:]), d_out
         )
-    return (dq, dk, dv, None, d_bias, None, None, None, None, *d_params)
+    return (dq, dk, dv, None, d_bias, None, None, None, None, None, *d_params)
 
 
 def attention_without_scores(
@@ -625,6 +768,22 @@ def attention_without_scores(
     return torch.matmul(h.to(v.dtype), v)
 
 
+def _inference(q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params) -> Tensor:
+    """The forward alone, tile by tile, saving nothing."""
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    out = _row_buffer(v, (*batch, q.shape[-2], v.shape[-1]), causal, k.shape[-2])
+    infer = kernel(_inference_kernel, sigma, compiled)
+    for tile in attention_tiles(q, k, v, causal):
+        raw = torch.matmul(_rows(q, tile), _keys(k, tile).transpose(-2, -1))
+        p = infer(raw, scale, _scores_part(keep, tile), _scores_part(bias, tile), causal, params)
+        del raw
+        if dropout_p > 0:
+            p = torch.nn.functional.dropout(p, dropout_p, training=True)
+        _matmul_into_(_rows(out, tile), p.to(v.dtype), _keys(v, tile), add=False)
+        del p
+    return out
+
+
 def fused_attention(
     q: Tensor,
     k: Tensor,
@@ -635,12 +794,14 @@ def fused_attention(
     dropout_p: float = 0.0,
     scale: float = 1.0,
     compiled: bool | None = None,
+    is_causal: bool = False,
 ) -> Tensor:
-    """Attention through the fused Function (training) or the inference kernel (no grad).
+    """Attention through the tiled Function (training) or the tiled forward (no grad).
 
-    ``keep``: bool, True = keep (causal already folded in); ``bias``: float, added after σ.
-    ``compiled=None`` follows :func:`use_compiled_kernels`. Under autocast, q, k and v are
-    cast as autocast casts a matrix product's inputs and the rest runs outside autocast.
+    ``keep``: bool, True = keep; ``bias``: float, added after σ; ``is_causal``: query i sees
+    keys j <= i + M − N (computed per tile, never as a mask). ``compiled=None`` follows
+    :func:`use_compiled_kernels`. Under autocast, q, k and v are cast as autocast casts a
+    matrix product's inputs and the rest runs outside autocast.
     """
     sigma = pointwise_sigma(normalizer)
     if sigma is None:
@@ -648,7 +809,9 @@ def fused_attention(
     (q, k, v), autocast_on = autocast_cast(q, k, v)
     if autocast_on:
         with autocast_disabled(q.device.type):
-            return fused_attention(q, k, v, normalizer, keep, bias, dropout_p, scale, compiled)
+            return fused_attention(
+                q, k, v, normalizer, keep, bias, dropout_p, scale, compiled, is_causal
+            )
     params = tuple(sigma.params(normalizer))
     scores = num_scores(q, k)
     if scores == 0:
@@ -658,22 +821,15 @@ def fused_attention(
     rank = max(q.dim(), k.dim())
     keep = compact_mask(keep, rank)
     bias = compact_mask(None if bias is None else upcast(bias), rank)
+    # Row and key views of contiguous inputs fold into batched GEMMs without copies.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias, *params)
     )
     if not needs_grad:
-        outs = []
-        infer = kernel(_inference_kernel, sigma, compiled)
-        for sl in _batch_slices(q, k, v):
-            raw = torch.matmul(q[sl], k[sl].transpose(-2, -1))
-            p = infer(raw, scale, _part(keep, sl), _part(bias, sl), params)
-            del raw
-            if dropout_p > 0:
-                p = torch.nn.functional.dropout(p, dropout_p, training=True)
-            outs.append(torch.matmul(p.to(v.dtype), v[sl]))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return _inference(q, k, v, keep, bias, is_causal, dropout_p, scale, sigma, compiled, params)
     return FusedSigmaSoftmaxAttention.apply(
-        q, k, v, keep, bias, dropout_p, scale, sigma, compiled, *params
+        q, k, v, keep, bias, is_causal, dropout_p, scale, sigma, compiled, *params
     )
 
 

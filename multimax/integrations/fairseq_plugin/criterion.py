@@ -18,6 +18,13 @@ infinite, as they are). Validation therefore also logs, for every normaliser,
   exp(−mean log((p + ε) / (1 + ε·|V|))), with ε = ``--eps-perplexity-epsilon`` (1e-6), and
 * ``zero_prob``: the share of target tokens that got probability exactly 0.
 
+When the plugin's decoder can fuse its output layer into the loss (an output normaliser
+that is softmax of a point-wise σ, such as MultiMax: ``fuses_output_loss``), the criterion
+asks the model for its features and the decoder's ``output_loss`` computes loss and nll
+chunk by chunk from them (:func:`multimax.linear_sigma_cross_entropy`), so the (tokens,
+vocabulary) logits are never held; softmax outputs, sparse outputs and
+``--report-accuracy`` take the logits as before.
+
 Two differences from fairseq's criterion, both by design: label smoothing is torch's
 (``(1-ε)·onehot + ε/V``; fairseq spreads ε over the V-1 other tokens), and the loss of a
 sparse output is its Fenchel-Young loss. Works with fairseq's stock models too (their output
@@ -103,7 +110,17 @@ class MultimaxLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
         self.eps_perplexity_epsilon = float(eps_perplexity_epsilon)
         self.inject_nan_at_update = int(inject_nan_at_update or 0)
 
+    def fuses_output_layer(self, model) -> bool:
+        """Whether the loss comes straight from the decoder's features (the plugin decoder's
+        ``output_loss``: no (tokens, vocabulary) logits): its output normaliser allows it
+        (``fuses_output_loss``) and nothing here needs the logits (``--report-accuracy``
+        does)."""
+        fuses = getattr(getattr(model, "decoder", None), "fuses_output_loss", None)
+        return callable(fuses) and bool(fuses()) and not self.report_accuracy
+
     def _logits_and_target(self, model, net_output, sample) -> tuple[Tensor, Tensor]:
+        """(scores, target) flattened over tokens: the logits, or the decoder's features when
+        the output layer is fused into the loss."""
         if getattr(model.decoder, "adaptive_softmax", None) is not None:
             raise ValueError(
                 "the model uses adaptive softmax: train it with --criterion adaptive_loss"
@@ -120,25 +137,34 @@ class MultimaxLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
         return loss, nll_loss
 
     def _losses(self, model, net_output, sample, reduce: bool):
-        """(training loss, nll, validation statistics) for one batch."""
-        logits, target = self._logits_and_target(model, net_output, sample)
-        normalizer = output_normalizer_of(model)
-        loss_fn = build_loss(
-            normalizer,
-            self.eps,
-            ignore_index=self.padding_idx,
-            reduction="sum" if reduce else "none",
-        )
-        loss = loss_fn(logits, target)
-        with torch.no_grad():
-            log_p = target_log_probs(normalizer, logits, target, self.padding_idx)
-        nll_loss = -log_p
+        """(training loss, nll, validation statistics) for one batch. ``net_output`` holds
+        the logits, or the decoder's features when :meth:`fuses_output_layer`."""
+        scores, target = self._logits_and_target(model, net_output, sample)
+        reduction = "sum" if reduce else "none"
+        if self.fuses_output_layer(model):
+            loss, nll_loss = model.decoder.output_loss(
+                scores,
+                target,
+                label_smoothing=self.eps,
+                ignore_index=self.padding_idx,
+                reduction=reduction,
+            )
+            log_p = -nll_loss
+            vocab = model.decoder.output_projection.out_features
+        else:
+            normalizer = output_normalizer_of(model)
+            loss_fn = build_loss(
+                normalizer, self.eps, ignore_index=self.padding_idx, reduction=reduction
+            )
+            loss = loss_fn(scores, target)
+            with torch.no_grad():
+                log_p = target_log_probs(normalizer, scores, target, self.padding_idx)
+            nll_loss = -log_p
+            vocab = scores.size(-1)
         stats: dict[str, float] = {}
         if not model.training:
             valid = target != self.padding_idx
-            eps_ll = epsilon_log_likelihood(
-                log_p[valid], self.eps_perplexity_epsilon, logits.size(-1)
-            )
+            eps_ll = epsilon_log_likelihood(log_p[valid], self.eps_perplexity_epsilon, vocab)
             stats = {
                 "eps_nll_loss": float(-eps_ll.sum()),
                 "zero_prob_tokens": int((log_p[valid] == float("-inf")).sum()),
@@ -148,7 +174,10 @@ class MultimaxLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
         return loss, nll_loss, stats
 
     def forward(self, model, sample, reduce: bool = True):
-        net_output = model(**sample["net_input"])
+        if self.fuses_output_layer(model):  # features, not logits: the loss forms no logits
+            net_output = model(**sample["net_input"], features_only=True)
+        else:
+            net_output = model(**sample["net_input"])
         loss, nll_loss, stats = self._losses(model, net_output, sample, reduce)
         if self.inject_nan_at_update and model.training:
             updates = getattr(model, "num_updates", None)

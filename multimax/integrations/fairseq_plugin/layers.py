@@ -20,6 +20,7 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from multimax import Normalizer
+from multimax.output_layer import linear_sigma_cross_entropy, supports_fused_output
 
 from .attention import MultimaxMultiheadAttention, name_dropout_after
 from .optim import exempt_from_weight_decay
@@ -193,6 +194,42 @@ class MultimaxTransformerDecoder(TransformerDecoder):
         cfg = TransformerConfig.from_namespace(args)
         layer = MultimaxTransformerDecoderLayer(cfg, self.multimax_options, no_encoder_attn)
         return _wrap_layer(layer, cfg)
+
+    def fuses_output_loss(self) -> bool:
+        """Whether :meth:`output_loss` can take σ + cross-entropy straight from the features,
+        without the logits: the output normaliser is softmax of a point-wise σ other than
+        plain softmax (MultiMax, V2, softmax with a temperature) and the output layer is the
+        plain ``output_projection`` (no adaptive softmax). Softmax outputs stay fairseq's own."""
+        return (
+            self.adaptive_softmax is None
+            and not self.output_normalizer.is_plain_softmax
+            and supports_fused_output(self.output_normalizer)
+            and isinstance(self.output_projection, nn.Linear)
+        )
+
+    def output_loss(
+        self,
+        features: Tensor,
+        target: Tensor,
+        *,
+        label_smoothing: float,
+        ignore_index: int,
+        reduction: str,
+    ) -> tuple[Tensor, Tensor]:
+        """(loss, per-token −log p(target)) of the output normaliser on
+        ``output_projection(features)``, by :func:`multimax.linear_sigma_cross_entropy`:
+        the (tokens, vocabulary) logits are never formed. Only when :meth:`fuses_output_loss`."""
+        projection = self.output_projection
+        return linear_sigma_cross_entropy(
+            features,
+            projection.weight,
+            target,
+            self.output_normalizer,
+            projection.bias,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
 
     def get_normalized_probs_scriptable(self, net_output, log_probs: bool, sample=None):
         """The output normaliser's distribution over the vocabulary.
