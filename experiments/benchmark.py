@@ -2,12 +2,17 @@
 
     python -m experiments.benchmark [attention.shapes=...] [repeats=10] [threads=2]
 
-Rows of each section run interleaved (one repetition of every row, then the next), after
-``warmup`` untimed runs (compiles happen there); tables show medians and ratios to the
-fastest SoftMax row. Writes ``results/speed_cpu.md`` (``speed_gpu.md`` on a GPU) and the
-run's ``results.json``. Peak memory: on the CPU the high-water mark of live bytes in torch's
-CPU allocator during one call, from ``torch.profiler`` memory events (inputs excluded); on a
-GPU ``torch.cuda.max_memory_allocated`` over the call.
+Rows of each section run interleaved: after ``warmup`` untimed runs (compiles happen there),
+each round times every row once, so the rows of one round share the machine's load. Each
+ratio is taken within a round (a row's time over its reference row's time in that round)
+and reported as the median over the rounds with the range, ``median [min–max]``; a target
+counts as met on the median. Time and memory are compared against what a user would
+otherwise run: PyTorch SDPA softmax for attention, ``linear`` → ``F.cross_entropy(σ(z))``
+for the output layer, the softmax model for training steps. Writes
+``results/speed_cpu.md`` (``speed_gpu.md`` on a GPU) and the run's ``results.json``. Peak
+memory: on the CPU the high-water mark of live bytes in torch's CPU allocator during one
+call, from ``torch.profiler`` memory events (inputs excluded); on a GPU
+``torch.cuda.max_memory_allocated`` over the call.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -71,6 +77,17 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def available_bytes(device: torch.device) -> int:
+    """Memory free for one more allocation: the device's free memory, or the host's
+    available physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not a POSIX host: assume it fits
+        return 1 << 62
+
+
 @dataclass
 class Row:
     """One measured thing: ``fwd()`` and optionally ``fwd_bwd()``; ``kind`` softmax|multimax."""
@@ -114,6 +131,35 @@ def measure(rows: list[Row], warmup: int, repeats: int, device: torch.device, la
             # so the last run's gradients are dropped before the measured call.
             row.reset()
         row.peak[what] = peak_bytes(getattr(row, what), device) / MIB
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A ratio over the rounds: median, smallest and largest."""
+
+    median: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f} [{self.low:.2f}–{self.high:.2f}]"
+
+
+def round_ratios(row: Row | None, ref: Row | None, what: str) -> Spread | None:
+    """``row``'s time over ``ref``'s, round by round (the rows ran interleaved)."""
+    if row is None or ref is None or not row.times[what] or not ref.times[what]:
+        return None
+    ratios = [a / b for a, b in zip(row.times[what], ref.times[what], strict=True) if b > 0]
+    if not ratios:
+        return None
+    return Spread(statistics.median(ratios), min(ratios), max(ratios))
+
+
+def peak_ratio(row: Row | None, ref: Row | None, what: str) -> float | None:
+    if row is None or ref is None:
+        return None
+    a, b = row.peak.get(what), ref.peak.get(what)
+    return None if a is None or not b else a / b
 
 
 # --- the authors' form of MultiMax (written from the paper's formula) ----------------------
@@ -176,7 +222,8 @@ def make_multimax(cfg: DictConfig, device: torch.device) -> multimax.Normalizer:
     return normalizer
 
 
-def attention_section(cfg, shape_name, shape, device, dtype, mm) -> tuple[list[Row], list[Row]]:
+def attention_rows(shape, device, dtype, mm, names: Sequence[str], inference_names=()):
+    """(training rows, inference rows) of one attention shape."""
     g = torch.Generator(device="cpu").manual_seed(1)
     b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
     causal = bool(shape.causal)
@@ -222,13 +269,13 @@ def attention_section(cfg, shape_name, shape, device, dtype, mm) -> tuple[list[R
             "the same σ through torch.jit.script",
         ),
         "multimax/reference": ("multimax", lambda: library(mm, "reference"), "library reference"),
-        "multimax/fused": ("multimax", lambda: library(mm, "fused"), "fused σ+softmax Function"),
+        "multimax/fused": ("multimax", lambda: library(mm, "fused"), "tiled σ+softmax Function"),
         "multimax/flex": ("multimax", lambda: library(mm, "flex"), "FlexAttention score_mod"),
         "multimax/auto": ("multimax", lambda: library(mm, "auto"), "what impl=auto picks"),
     }
     probe = AttentionInputs(q, k, v, mm, None, None, causal, 0.0, scale)
     rows = []
-    for name in cfg.attention.rows:
+    for name in names:
         kind, make, note = makers[name]
         if name == "multimax/flex" and not (device.type == "cuda" and FLEX_AVAILABLE):
             continue
@@ -238,7 +285,7 @@ def attention_section(cfg, shape_name, shape, device, dtype, mm) -> tuple[list[R
         rows.append(Row(f"{name}", kind, fwd, with_backward(fwd), note, reset=clear))
 
     inference = []
-    for name in cfg.attention.inference_rows:
+    for name in inference_names:
         normalizer, impl = (softmax, "sdpa") if name.startswith("softmax") else (mm, "inference")
         fn = library(normalizer, impl)
 
@@ -250,42 +297,90 @@ def attention_section(cfg, shape_name, shape, device, dtype, mm) -> tuple[list[R
     return rows, inference
 
 
-def output_section(cfg, device, mm) -> list[Row]:
-    oc = cfg.output_layer
+def standard_output_loss(mm, smoothing: float):
+    """What one writes without this library: ``linear`` → σ op by op → ``cross_entropy``."""
+
+    def loss(x: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+        z = F.linear(x, weight).float()
+        return F.cross_entropy(mm.modulate(z), target, label_smoothing=smoothing)
+
+    return loss
+
+
+def output_rows(oc, case, device, mm) -> tuple[list[Row], list[str]]:
+    """The output layer's rows for one (tokens, vocabulary) case, and notes on rows skipped
+    because their logits would not fit in memory here."""
     g = torch.Generator().manual_seed(2)
-    logits = torch.randn(oc.tokens, oc.vocab, generator=g).to(device).requires_grad_()
-    target = torch.randint(0, oc.vocab, (oc.tokens,), generator=g).to(device)
+    tokens, vocab, dim = int(case.tokens), int(case.vocab), int(oc.dim)
+    dtype = getattr(torch, oc.dtype)
+    x = torch.randn(tokens, dim, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=g) / math.sqrt(dim)).to(device, dtype)
+    weight.requires_grad_()
+    target = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    smoothing = float(oc.label_smoothing)
+    softmax_loss = multimax.build_loss("softmax", smoothing)
+    chunked = multimax.NormalizerLoss(mm, smoothing, chunked=True)
+    standard = standard_output_loss(mm, smoothing)
     losses = {
-        "softmax/cross_entropy": ("softmax", multimax.build_loss("softmax", oc.label_smoothing)),
-        "multimax/chunked": (
-            "multimax",
-            multimax.NormalizerLoss(mm, oc.label_smoothing, chunked=True),
+        "softmax/linear+cross_entropy": (
+            "softmax",
+            lambda: softmax_loss(F.linear(x, weight), target),
+            "linear, then torch cross_entropy (SoftMax)",
+            oc.bytes_per_logit.softmax,
         ),
-        "multimax/unchunked": (
+        "multimax/standard": (
             "multimax",
-            multimax.NormalizerLoss(mm, oc.label_smoothing, chunked=False),
+            lambda: standard(x, weight, target),
+            "linear, σ op by op, cross_entropy",
+            oc.bytes_per_logit.standard,
+        ),
+        "multimax/linear+chunked": (
+            "multimax",
+            lambda: chunked(F.linear(x, weight), target),
+            "linear, then the chunked σ + cross-entropy (logits held)",
+            oc.bytes_per_logit.chunked,
+        ),
+        "multimax/fused": (
+            "multimax",
+            lambda: multimax.linear_sigma_cross_entropy(
+                x, weight, target, mm, label_smoothing=smoothing
+            )[0],
+            "linear_sigma_cross_entropy: no logits held",
+            0,
         ),
     }
-    rows = []
+    leaves = (x, weight, *mm.parameters())
+
+    def clear() -> None:
+        for t in leaves:
+            t.grad = None
+
+    rows, notes = [], []
+    free = available_bytes(device)
     for name in oc.rows:
-        kind, loss_fn = losses[name]
+        kind, loss_fn, note, bytes_per_logit = losses[name]
+        needs = tokens * vocab * float(bytes_per_logit)
+        if needs > oc.memory_share * free:
+            notes.append(
+                f"{name} skipped at {tokens} tokens × {vocab}: it needs about {needs / 2**30:.0f}"
+                f" GiB ({bytes_per_logit} bytes per logit), this machine has "
+                f"{free / 2**30:.0f} GiB free"
+            )
+            continue
 
         def run(loss_fn=loss_fn) -> None:
-            for t in (logits, *mm.parameters()):
-                t.grad = None
-            loss_fn(logits, target).backward()
+            clear()
+            loss_fn().backward()
 
-        def clear() -> None:
-            for t in (logits, *mm.parameters()):
-                t.grad = None
-
-        rows.append(Row(name, kind, None, run, "σ + cross-entropy, label smoothing", reset=clear))
-    return rows
+        rows.append(Row(name, kind, None, run, note, reset=clear))
+    return rows, notes
 
 
 class StandInLM(nn.Module):
     """A small causal decoder over :func:`multimax.attention` (pre-norm blocks), standing in
-    for fairseq's transformer_lm in the step-time comparison."""
+    for fairseq's transformer_lm in the step-time comparison. ``forward`` returns the
+    features; ``loss`` applies the output layer as the fairseq criterion does (σ + cross-
+    entropy from the features, no logits, for MultiMax; linear + cross-entropy for softmax)."""
 
     def __init__(self, vocab: int, dim: int, heads: int, layers: int, tokens: int, name: str):
         super().__init__()
@@ -320,28 +415,31 @@ class StandInLM(nn.Module):
             a = multimax.attention(q, k, v, block.normalizer, is_causal=True)
             x = x + block["proj"](a.transpose(1, 2).reshape(b, n, -1))
             x = x + block["mlp"](block["ln2"](x))
-        return self.head(self.ln(x))
+        return self.ln(x)
+
+    def loss(self, features: Tensor, target: Tensor) -> Tensor:
+        if self.output_normalizer.is_plain_softmax:
+            return F.cross_entropy(self.head(features).flatten(0, -2), target.flatten())
+        return multimax.linear_sigma_cross_entropy(
+            features, self.head.weight, target, self.output_normalizer
+        )[0]
 
 
-def model_section(cfg, device) -> tuple[list[Row], list[str]]:
+def model_rows(cfg, device) -> tuple[list[Row], list[str]]:
     rows, notes = [], []
     mc = cfg.models
     g = torch.Generator().manual_seed(3)
     name_mm = runtime.normalizer_options(cfg, "attention")[0]
 
-    def train_step(model: nn.Module, batch: Tensor, target: Tensor, loss_fn):
+    def train_step(model: nn.Module, loss_of: Callable[[], Tensor]):
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step() -> None:
             optim.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch).reshape(-1, model_vocab(model)), target.reshape(-1))
-            loss.backward()
+            loss_of().backward()
             optim.step()
 
         return step, lambda: optim.zero_grad(set_to_none=True)
-
-    def model_vocab(model: nn.Module) -> int:
-        return model.head.out_features if hasattr(model.head, "out_features") else 1000
 
     if mc.deit_small.enabled:
         try:
@@ -356,7 +454,7 @@ def model_section(cfg, device) -> tuple[list[Row], list[str]]:
                     "deit_small_gap_patch16_224", normalizer=kind, output_normalizer=kind
                 ).to(device)
                 loss_fn = multimax.build_loss(model.output_normalizer, label_smoothing=0.1)
-                step, clear = train_step(model, images, labels, loss_fn)
+                step, clear = train_step(model, lambda m=model, f=loss_fn: f(m(images), labels))
                 label = "softmax" if kind == "softmax" else "multimax"
                 rows.append(
                     Row(
@@ -375,13 +473,12 @@ def model_section(cfg, device) -> tuple[list[Row], list[str]]:
         tokens = torch.randint(0, lm.vocab, (lm.batch, lm.tokens), generator=g).to(device)
         for kind in ("softmax", name_mm):
             model = StandInLM(lm.vocab, lm.dim, lm.heads, lm.layers, lm.tokens, kind).to(device)
-            loss_fn = multimax.build_loss(model.output_normalizer)
             label = "softmax" if kind == "softmax" else "multimax"
             note = (
                 f"stand-in causal LM ({lm.layers} layers, dim {lm.dim}, {lm.heads} heads, "
                 f"{lm.batch}×{lm.tokens} tokens, vocab {lm.vocab}), AdamW step"
             )
-            step, clear = train_step(model, tokens, tokens, loss_fn)
+            step, clear = train_step(model, lambda m=model: m.loss(m(tokens), tokens))
             rows.append(Row(f"lm/{label}", label, None, step, note, reset=clear))
     return rows, notes
 
@@ -393,35 +490,68 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def best(rows: list[Row], kind: str, what: str) -> float | None:
-    values = [r.median_ms(what) for r in rows if r.kind == kind and r.median_ms(what)]
-    return min(values) if values else None
+def _spread(s: Spread | None) -> str:
+    return "n/a" if s is None else str(s)
 
 
 def find(rows: list[Row], name: str) -> Row | None:
     return next((r for r in rows if r.name == name), None)
 
 
-def table(rows: list[Row], mem_ref: str | None, whats=("fwd", "fwd_bwd")) -> list[str]:
+@dataclass
+class Section:
+    """Rows measured together, with the row their ratios refer to."""
+
+    title: str
+    rows: list[Row]
+    ref: str
+    whats: tuple[str, ...] = ("fwd", "fwd_bwd")
+
+
+def table(section: Section) -> list[str]:
+    ref = find(section.rows, section.ref)
+    short = section.ref.split("/", 1)[-1]
     head = ["row", "what"]
-    for what in whats:
-        head += [f"{what} ms", f"{what} ×best softmax"]
-    head += ["peak MiB", f"peak ×{mem_ref}" if mem_ref else "peak ×softmax"]
+    for what in section.whats:
+        label = "fwd+bwd" if what == "fwd_bwd" else what
+        head += [f"{label} ms", f"{label} ×{short}"]
+    head += ["peak MiB", f"peak ×{short}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ref_row = find(rows, mem_ref) if mem_ref else None
-    last = whats[-1]
-    for r in rows:
+    last = section.whats[-1]
+    for r in section.rows:
         cells = [r.name, r.note]
-        for what in whats:
-            ms = r.median_ms(what)
-            cells += [_fmt(ms), _fmt(_ratio(ms, best(rows, "softmax", what)), 2)]
-        peak = r.peak.get(last)
-        ref_peak = ref_row.peak.get(last) if ref_row else None
-        cells += [_fmt(peak), _fmt(_ratio(peak, ref_peak), 2)]
+        for what in section.whats:
+            cells += [_fmt(r.median_ms(what)), _spread(round_ratios(r, ref, what))]
+        cells += [_fmt(r.peak.get(last)), _fmt(peak_ratio(r, ref, last), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def scaling_table(sections: dict[str, Section], what: str) -> list[str]:
+    """One line per sequence length: SoftMax and MultiMax time and memory, and the ratios."""
+    label = "fwd+bwd" if what == "fwd_bwd" else "forward, no grad"
+    lines = [
+        f"| N | SDPA {label} ms | MultiMax ms | time ×SDPA | SDPA peak MiB | MultiMax peak MiB "
+        "| peak ×SDPA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    prefix = "scaling " if what == "fwd_bwd" else "scaling inference "
+    for key, section in sections.items():
+        if not key.startswith(prefix) or (what == "fwd_bwd" and "inference" in key):
+            continue
+        sdpa = find(section.rows, section.ref)
+        mm = next((r for r in section.rows if r.kind == "multimax"), None)
+        if sdpa is None or mm is None:
+            continue
+        cells = [
+            key.rsplit(" ", 1)[-1],
+            _fmt(sdpa.median_ms(what)),
+            _fmt(mm.median_ms(what)),
+            _spread(round_ratios(mm, sdpa, what)),
+            _fmt(sdpa.peak.get(what)),
+            _fmt(mm.peak.get(what)),
+            _fmt(peak_ratio(mm, sdpa, what), 2),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -445,64 +575,136 @@ def machine_lines(device: torch.device) -> list[str]:
         f"{platform.python_version()}, device {device}",
         f"- git commit {runtime.git_commit()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
-        "(shared machine: compare ratios, not absolute times)",
     ]
 
 
-def target_lines(sections: dict[str, list[Row]], device: torch.device) -> list[str]:
-    """The issue's targets, measured against the rows above."""
-    out = ["| target | measured | goal | met |", "|---|---|---|---|"]
+def load_line(loads: Sequence[tuple[float, float, float]]) -> str:
+    """The load averages seen while measuring (each section's start and end)."""
+    ones = [load[0] for load in loads]
+    return (
+        f"- load average (1 min) during the run: {min(ones):.1f} to {max(ones):.1f} on "
+        f"{os.cpu_count()} logical CPUs (a shared machine: ratios within a round, not absolute "
+        "times, are what compares)"
+    )
 
-    def add(what: str, value: float | None, goal: float, below: bool = True) -> None:
-        met = "n/a" if value is None else ("yes" if (value <= goal) == below else "no")
-        sign = "≤" if below else "≥"
-        out.append(f"| {what} | {_fmt(value, 2)} | {sign} {goal} | {met} |")
 
-    att = sections.get("attention deit_small", [])
-    auto, sdpa, eager = (
-        find(att, "multimax/auto"),
-        find(att, "softmax/sdpa"),
-        find(att, "softmax/eager"),
+@dataclass(frozen=True)
+class Target:
+    what: str
+    value: Spread | float | None
+    goal: float
+    below: bool = True
+
+    @property
+    def median(self) -> float | None:
+        return self.value.median if isinstance(self.value, Spread) else self.value
+
+    def line(self) -> str:
+        value = self.median
+        met = "n/a" if value is None else ("yes" if (value <= self.goal) == self.below else "no")
+        shown = self.value if isinstance(self.value, Spread) else _fmt(self.value, 2)
+        sign = "≤" if self.below else "≥"
+        return f"| {self.what} | {'n/a' if value is None else shown} | {sign} {self.goal} | {met} |"
+
+
+def targets(sections: dict[str, Section], cfg, device: torch.device) -> list[Target]:
+    """The issue's targets, measured against the rows above (time: median [range] of the
+    per-round ratios; memory: one measured peak over another)."""
+    out: list[Target] = []
+    goal = cfg.targets
+
+    def rows_of(key: str) -> list[Row]:
+        return sections[key].rows if key in sections else []
+
+    for shape in ("deit_small", "lm"):
+        att = rows_of(f"attention {shape}")
+        sdpa, auto = find(att, "softmax/sdpa"), find(att, "multimax/auto")
+        label = SHAPE_LABELS.get(shape, shape)
+        out.append(
+            Target(
+                f"attention fwd+bwd time, {label}: multimax (auto) / SDPA softmax",
+                round_ratios(auto, sdpa, "fwd_bwd"),
+                goal.attention_time,
+            )
+        )
+    att, inf = rows_of("attention lm"), rows_of("inference lm")
+    label = SHAPE_LABELS.get("lm", "lm")
+    out.append(
+        Target(
+            f"attention training peak memory, {label}: multimax (auto) / SDPA softmax",
+            peak_ratio(find(att, "multimax/auto"), find(att, "softmax/sdpa"), "fwd_bwd"),
+            goal.attention_memory,
+        )
     )
-    authors = find(att, "multimax/authors-eager")
-    ms = lambda r, w="fwd_bwd": r.median_ms(w) if r else None  # noqa: E731
-    pk = lambda r: r.peak.get("fwd_bwd") if r else None  # noqa: E731
-    add(
-        "attention fwd+bwd, DeiT-small shape: multimax (auto) / SDPA softmax",
-        _ratio(ms(auto), ms(sdpa)),
-        1.15 if device.type == "cpu" else 1.25,
+    out.append(
+        Target(
+            f"attention inference peak memory, {label}: multimax / SDPA softmax",
+            peak_ratio(find(inf, "multimax/inference"), find(inf, "softmax/sdpa"), "fwd"),
+            goal.attention_memory,
+        )
     )
-    add("attention peak memory: multimax (auto) / eager softmax", _ratio(pk(auto), pk(eager)), 1.10)
-    add(
-        "anchor: authors' eager form / multimax (auto), fwd+bwd",
-        _ratio(ms(authors), ms(auto)),
-        2.0,
-        below=False,
+    att = rows_of("attention deit_small")
+    out.append(
+        Target(
+            "anchor: authors' eager form / multimax (auto), fwd+bwd time, DeiT-small shape",
+            round_ratios(
+                find(att, "multimax/authors-eager"), find(att, "multimax/auto"), "fwd_bwd"
+            ),
+            goal.authors_anchor,
+            below=False,
+        )
     )
-    models = sections.get("model deit_small", [])
-    deit_s, deit_m = find(models, "deit_small/softmax"), find(models, "deit_small/multimax")
-    add("DeiT-small training step: multimax / softmax", _ratio(ms(deit_m), ms(deit_s)), 1.05)
-    out_rows = sections.get("output", [])
-    ce, ch = find(out_rows, "softmax/cross_entropy"), find(out_rows, "multimax/chunked")
-    add("output layer σ+CE time: multimax (chunked) / softmax CE", _ratio(ms(ch), ms(ce)), 1.10)
-    add(
-        "output layer σ+CE peak memory: multimax (chunked) / softmax CE",
-        _ratio(pk(ch), pk(ce)),
-        1.05,
+    for key, section in sections.items():
+        if not key.startswith("output "):
+            continue
+        std, fused = find(section.rows, "multimax/standard"), find(section.rows, "multimax/fused")
+        case = key.removeprefix("output ")
+        out.append(
+            Target(
+                f"output layer time, {OUTPUT_LABELS.get(case, case)}: fused / standard",
+                round_ratios(fused, std, "fwd_bwd"),
+                goal.output_time,
+            )
+        )
+        out.append(
+            Target(
+                f"output layer peak memory, {OUTPUT_LABELS.get(case, case)}: fused / standard",
+                peak_ratio(fused, std, "fwd_bwd"),
+                goal.output_memory,
+            )
+        )
+    models = rows_of("model deit_small")
+    out.append(
+        Target(
+            "DeiT-small training step time: multimax / softmax",
+            round_ratios(
+                find(models, "deit_small/multimax"), find(models, "deit_small/softmax"), "fwd_bwd"
+            ),
+            goal.deit_step,
+        )
     )
     return out
 
 
-def write_report(cfg, device, sections, notes, seconds) -> Path:
+SHAPE_LABELS: dict[str, str] = {}
+OUTPUT_LABELS: dict[str, str] = {}
+SECTION_TITLES: dict[str, str] = {}
+
+
+def write_report(cfg, device, sections, notes, loads, seconds) -> Path:
+    rounds = ", ".join(
+        f"{cfg[key].repeats if key != 'attention' else cfg.repeats} ({key.replace('_', ' ')})"
+        for key in ("attention", "scaling", "output_layer", "models")
+    )
     lines = [f"# MultiMax vs SoftMax: speed and memory ({device.type.upper()})", ""]
     lines += machine_lines(device)
     lines += [
+        load_line(loads),
         f"- command: `python -m experiments.benchmark {' '.join(sys.argv[1:])}`".rstrip(),
-        f"- {cfg.warmup} warm-up runs, then the median of {cfg.repeats} (attention) / "
-        f"{cfg.output_layer.repeats} (output layer) / {cfg.models.repeats} (models) interleaved "
-        f"runs; compile policy `{cfg.compile_policy}`; σ parameters ~ N(0, {cfg.sigma_std}²); "
-        f"{seconds:.0f} s in all",
+        f"- interleaved rounds: {rounds}, after {cfg.warmup} warm-up runs; compile policy "
+        f"`{cfg.compile_policy}`; σ parameters ~ N(0, {cfg.sigma_std}²); {seconds:.0f} s in all",
+        "- `×ref`: the row's time over the reference row's time in the same round, as the "
+        "median over the rounds [smallest–largest]; a target is met on the median",
         "- peak memory: "
         + (
             "torch.cuda.max_memory_allocated over one call, above what was allocated before"
@@ -510,25 +712,31 @@ def write_report(cfg, device, sections, notes, seconds) -> Path:
             else "high-water mark of live bytes in torch's CPU allocator during one call, "
             "summed from torch.profiler memory events (profile_memory=True); inputs excluded"
         ),
-        "- `×best softmax`: median time over the fastest SoftMax row's median in the same table",
         "",
         "## Targets",
         "",
-        *target_lines(sections, device),
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+        *(t.line() for t in targets(sections, cfg, device)),
         "",
     ]
-    for title, rows in sections.items():
-        if not rows:
+    if any(key.startswith("scaling ") for key in sections):
+        lines += [
+            f"## Scaling with the sequence length: {SECTION_TITLES.get('scaling', 'causal')}",
+            "",
+            "Training (forward + backward):",
+            "",
+            *scaling_table(sections, "fwd_bwd"),
+            "",
+            "Inference (forward, no grad):",
+            "",
+            *scaling_table(sections, "fwd"),
+            "",
+        ]
+    for key, section in sections.items():
+        if key.startswith("scaling "):
             continue
-        if title.startswith("attention "):
-            mem_ref, whats = "softmax/eager", ("fwd", "fwd_bwd")
-        elif title.startswith("inference "):
-            mem_ref, whats = "softmax/sdpa", ("fwd",)
-        elif title == "output":
-            mem_ref, whats = "softmax/cross_entropy", ("fwd_bwd",)
-        else:
-            mem_ref, whats = f"{title.split()[-1]}/softmax", ("fwd_bwd",)
-        lines += [f"## {SECTION_TITLES.get(title, title)}", "", *table(rows, mem_ref, whats), ""]
+        lines += [f"## {SECTION_TITLES.get(key, key)}", "", *table(section), ""]
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     name = f"speed_{'gpu' if device.type == 'cuda' else 'cpu'}.md"
@@ -538,11 +746,11 @@ def write_report(cfg, device, sections, notes, seconds) -> Path:
     return path
 
 
-SECTION_TITLES = {
-    "output": "Output layer: σ + cross-entropy, fwd+bwd",
-    "model deit_small": "Whole-model training step (fwd, bwd, AdamW): DeiT-small",
-    "model lm": "Whole-model training step (fwd, bwd, AdamW): language model",
-}
+def _shape_label(shape) -> str:
+    return (
+        f"B {shape.batch}, H {shape.heads}, N {shape.tokens}, D {shape.head_dim}"
+        f"{', causal' if shape.causal else ''}"
+    )
 
 
 @hydra.main(config_path="../configs", config_name="benchmark", version_base="1.3")
@@ -558,47 +766,92 @@ def main(cfg: DictConfig) -> None:
         dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     dtype = getattr(torch, dtype_name)
     mm = make_multimax(cfg, device)
-    sections: dict[str, list[Row]] = {}
+    sections: dict[str, Section] = {}
     notes: list[str] = []
+    loads: list[tuple[float, float, float]] = [os.getloadavg()]
+
+    def run(key: str, rows: list[Row], ref: str, repeats: int, whats=("fwd", "fwd_bwd")):
+        measure(rows, cfg.warmup, repeats, device, key)
+        loads.append(os.getloadavg())
+        sections[key] = Section(key, rows, ref, whats)
+
     shapes = dict(cfg.attention.shapes)
     if device.type == "cuda":
         shapes.update(cfg.attention.get("gpu_shapes") or {})
-    for shape_name, shape in shapes.items():
-        rows, inference = attention_section(cfg, shape_name, shape, device, dtype, mm)
-        label = (
-            f"{shape_name} (B {shape.batch}, H {shape.heads}, N {shape.tokens}, "
-            f"D {shape.head_dim}{', causal' if shape.causal else ''}, {dtype_name})"
+    for name, shape in shapes.items():
+        names = shape.get("rows") or cfg.attention.rows
+        rows, inference = attention_rows(
+            shape, device, dtype, mm, names, cfg.attention.inference_rows
         )
-        measure(rows + inference, cfg.warmup, cfg.repeats, device, f"attention {shape_name}")
-        sections[f"attention {shape_name}"] = rows
-        sections[f"inference {shape_name}"] = inference
-        SECTION_TITLES[f"attention {shape_name}"] = f"Attention, {label}"
-        SECTION_TITLES[f"inference {shape_name}"] = f"Attention inference (no grad), {label}"
-    if cfg.output_layer.rows:
-        rows = output_section(cfg, device, mm)
-        measure(rows, 1, cfg.output_layer.repeats, device, "output layer")
-        sections["output"] = rows
-        oc = cfg.output_layer
-        SECTION_TITLES["output"] = (
-            f"Output layer: σ + cross-entropy, {oc.tokens} tokens × {oc.vocab} vocabulary, "
+        repeats = int(shape.get("repeats") or cfg.repeats)
+        label = _shape_label(shape)
+        SHAPE_LABELS[name] = f"{name} shape ({label})"
+        SECTION_TITLES[f"attention {name}"] = f"Attention, {name} ({label}, {dtype_name})"
+        SECTION_TITLES[f"inference {name}"] = (
+            f"Attention inference (no grad), {name} ({label}, {dtype_name})"
+        )
+        # Training and inference rows interleaved in one set of rounds.
+        measure(rows + inference, cfg.warmup, repeats, device, f"attention {name}")
+        loads.append(os.getloadavg())
+        sections[f"attention {name}"] = Section(f"attention {name}", rows, "softmax/sdpa")
+        sections[f"inference {name}"] = Section(
+            f"inference {name}", inference, "softmax/sdpa", ("fwd",)
+        )
+    sc = cfg.scaling
+    for tokens in sc.tokens or []:
+        shape = OmegaConf.create({**OmegaConf.to_container(sc.shape), "tokens": int(tokens)})
+        rows, inference = attention_rows(shape, device, dtype, mm, sc.rows, sc.inference_rows)
+        measure(rows + inference, cfg.warmup, sc.repeats, device, f"scaling N={tokens}")
+        loads.append(os.getloadavg())
+        sections[f"scaling {tokens}"] = Section(f"scaling {tokens}", rows, "softmax/sdpa")
+        sections[f"scaling inference {tokens}"] = Section(
+            f"scaling inference {tokens}", inference, "softmax/sdpa", ("fwd",)
+        )
+        SECTION_TITLES["scaling"] = (
+            f"B {shape.batch}, H {shape.heads}, D {shape.head_dim}"
+            f"{', causal' if shape.causal else ''}, {dtype_name}"
+        )
+    oc = cfg.output_layer
+    for case_name, case in (oc.cases or {}).items():
+        rows, skipped = output_rows(oc, case, device, mm)
+        notes += skipped
+        if not rows:
+            continue
+        label = f"{case.tokens} tokens × {case.vocab} vocabulary, d {oc.dim}"
+        OUTPUT_LABELS[case_name] = label
+        SECTION_TITLES[f"output {case_name}"] = (
+            f"Output layer: σ + cross-entropy from the hidden states, {label}, {oc.dtype}, "
             f"label smoothing {oc.label_smoothing}, fwd+bwd"
         )
-    rows, model_notes = model_section(cfg, device)
+        run(f"output {case_name}", rows, "multimax/standard", oc.repeats, ("fwd_bwd",))
+    rows, model_notes = model_rows(cfg, device)
     notes += model_notes
-    if rows:
-        measure(rows, 1, cfg.models.repeats, device, "models")
-        for model in dict.fromkeys(r.name.split("/")[0] for r in rows):
-            sections[f"model {model}"] = [r for r in rows if r.name.startswith(f"{model}/")]
-    path = write_report(cfg, device, sections, notes, time.perf_counter() - started)
+    for model in dict.fromkeys(r.name.split("/")[0] for r in rows):
+        SECTION_TITLES[f"model {model}"] = (
+            f"Whole-model training step (fwd, bwd, AdamW): "
+            f"{'DeiT-small' if model == 'deit_small' else 'language model'}"
+        )
+        run(
+            f"model {model}",
+            [r for r in rows if r.name.startswith(f"{model}/")],
+            f"{model}/softmax",
+            cfg.models.repeats,
+            ("fwd_bwd",),
+        )
+    path = write_report(cfg, device, sections, notes, loads, time.perf_counter() - started)
     print(path.read_text())
     print(f"[benchmark] wrote {path}")
-    att = sections.get("attention deit_small", [])
-    auto, sdpa = find(att, "multimax/auto"), find(att, "softmax/sdpa")
-    ratio = _ratio(auto.median_ms("fwd_bwd"), sdpa.median_ms("fwd_bwd")) if auto and sdpa else None
+    att = sections.get("attention deit_small")
+    ratio = None
+    if att is not None:
+        spread = round_ratios(
+            find(att.rows, "multimax/auto"), find(att.rows, "softmax/sdpa"), "fwd_bwd"
+        )
+        ratio = None if spread is None else spread.median
     metrics = {
-        f"{title}/{r.name}/{what}_ms": r.median_ms(what)
-        for title, rs in sections.items()
-        for r in rs
+        f"{key}/{r.name}/{what}_ms": r.median_ms(what)
+        for key, section in sections.items()
+        for r in section.rows
         for what in ("fwd", "fwd_bwd")
         if r.median_ms(what) is not None
     }

@@ -495,6 +495,14 @@ class Tile:
     keys: int
 
 
+def _even_bounds(total: int, step: int) -> list[int]:
+    """Boundaries splitting ``total`` into parts of about ``step`` (at most ``step`` unless
+    that would leave a part of one): every part has at least 2 when ``total`` >= 2, since a
+    size of 1 is a different graph to a compiled kernel (dynamo specialises it)."""
+    count = max(1, min(-(-total // max(step, 1)), total // 2))
+    return [round(i * total / count) for i in range(count + 1)]
+
+
 def attention_tiles(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> list[Tile]:
     """Tiles covering every (batch item, query row) that has a key, each of about
     ``SLICE_SCORES`` scores: whole rows (every key a row sees is in its tile, so a row's
@@ -510,13 +518,13 @@ def attention_tiles(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> list[Tile]
     rows = max(1, SLICE_SCORES // max(per_row, 1))
     if causal:
         rows = min(rows, CAUSAL_TILE_ROWS)
-    count = -(-n // min(rows, n))
-    bounds = [round(i * n / count) for i in range(count + 1)]
-    step = max(1, SLICE_SCORES // max(per_row * (bounds[1] - bounds[0]), 1))
+    row_bounds = _even_bounds(n, rows)
+    tile_rows = max(b - a for a, b in zip(row_bounds, row_bounds[1:]))
+    batch_bounds = _even_bounds(items, SLICE_SCORES // max(per_row * tile_rows, 1))
     tiles = []
-    for b0 in range(0, items, step):
-        batch = slice(None) if not sliceable or step >= items else slice(b0, b0 + step)
-        for i0, i1 in zip(bounds, bounds[1:]):
+    for b0, b1 in zip(batch_bounds, batch_bounds[1:]):
+        batch = slice(None) if not sliceable or (b0, b1) == (0, items) else slice(b0, b1)
+        for i0, i1 in zip(row_bounds, row_bounds[1:]):
             keys = min(m, i1 + m - n) if causal else m
             if keys > 0:
                 tiles.append(Tile(batch, slice(i0, i1), keys))

@@ -170,7 +170,6 @@ class LinearSigmaCrossEntropy(torch.autograd.Function):
         want_grad = reduction != "none" and x.dtype != torch.float16
         want_grad = want_grad and (any(needs[:3]) or any(needs[10:]))
         ctx.meta = (sigma, smoothing, reduction, chunk, compiled)
-        ctx.mark_non_differentiable(nll)
         if want_grad:
             # A summed or averaged loss: its gradients are formed here, scaled in backward.
             weight_t = _token_weights(valid, reduction, torch.ones((), dtype=losses.dtype))
@@ -196,6 +195,7 @@ class LinearSigmaCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(x, weight, bias, safe, valid, *params)
         losses = torch.where(valid, losses, torch.zeros_like(losses))
         nll = torch.where(valid, nll, torch.zeros_like(nll))
+        ctx.mark_non_differentiable(nll)
         if reduction == "sum":
             return losses.sum(), nll
         if reduction == "mean":

@@ -191,3 +191,23 @@ def test_flex_builds_one_block_mask_per_mask_and_no_graph_per_batch_shape(
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert [shape[:2] for shape in built] == [(b, 1) for b, _ in batches]
     assert fresh_compiles() == 1
+
+
+def test_causal_tiles_do_not_recompile_for_new_lengths(fresh_compiles, monkeypatch):
+    """Issue 14: a causal epoch in many tiles (rows split evenly, never one row alone; each
+    tile's causal mask built in the kernel from its own sizes): one forward and one backward
+    graph for every length, N == M and N != M (a cache)."""
+    monkeypatch.setattr(multimax.fused, "SLICE_SCORES", 64)
+    monkeypatch.setattr(multimax.fused, "CAUSAL_TILE_ROWS", 3)
+    normalizer = strong_multimax()
+    for i, (b, n, m) in enumerate([(4, 6, 6), (3, 9, 11), (2, 13, 13), (5, 7, 10), (3, 17, 17)]):
+        q, k, v, mask, _ = call_inputs(b, n, m, "padding", seed=i)
+        q.requires_grad_()
+        out = attention(q, k, v, normalizer, mask=mask, is_causal=True, impl="fused")
+        want = attention(q, k, v, normalizer, mask=mask, is_causal=True, impl="reference")
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        out.sum().backward()
+        assert len(multimax.fused.attention_tiles(q, k, v, True)) > 2
+        if i == 0:
+            first = fresh_compiles()
+    assert fresh_compiles() == first == 2

@@ -366,6 +366,84 @@ def test_criterion_uses_library_loss_and_trains_normalizers(tmp_path, name):
                 assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+def _criterion_run(criterion, model, sample, fused: bool, monkeypatch):
+    """(loss, nll, logging output, gradients) of one criterion call, through the fused output
+    layer or (the decoder told it cannot fuse) through the logits."""
+    with monkeypatch.context() as patch:
+        if not fused:
+            patch.setattr(model.decoder, "fuses_output_loss", lambda: False)
+        assert criterion.fuses_output_layer(model) == fused
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks on both paths
+        loss, _, log = criterion(model, sample)
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), log, grads
+
+
+@pytest.mark.parametrize("task_name", ["language_modeling", "translation"])
+def test_fused_output_layer_in_the_criterion_equals_the_logits_path(
+    tmp_path, task_name, monkeypatch
+):
+    """Issue 14: with a MultiMax output the criterion asks the model for its features and
+    the decoder's ``output_loss`` never forms the logits (``output_layer`` is not called);
+    loss, nll, the validation statistics and every parameter's gradient (the output σ and
+    the shared embedding included) equal fairseq's logits path, for the LM (no smoothing)
+    and for MT (label smoothing 0.1, padded targets); a softmax output is never fused."""
+    from fairseq.models.transformer import TransformerDecoder
+
+    lm = task_name == "language_modeling"
+    data = lm_data_dir(tmp_path) if lm else mt_data_dir(tmp_path)
+    arch = "multimax_transformer_lm" if lm else "multimax_transformer_iwslt_de_en"
+
+    def flags(name: str) -> list[str]:
+        return [*(LM_SIZES if lm else MT_SIZES), "--attn-normalizer", name,
+                "--output-normalizer", name, "--share-decoder-input-output-embed",
+                "--criterion", "multimax_label_smoothed_cross_entropy",
+                "--label-smoothing", "0.0" if lm else "0.1"]  # fmt: skip
+
+    model, task, cfg = build(data, task_name, arch, flags("multimax"))
+    criterion = task.build_criterion(cfg.criterion)
+    dictionary = task.target_dictionary
+    target = token_batch(dictionary, [7, 4, 6], left_pad=False, seed=5)
+    net_input = {"prev_output_tokens": shifted(target, dictionary)}
+    if lm:
+        net_input = {"src_tokens": net_input["prev_output_tokens"]}
+    else:
+        src = token_batch(task.source_dictionary, [8, 5, 6], left_pad=True, seed=4)
+        net_input.update(src_tokens=src, src_lengths=src.ne(task.source_dictionary.pad()).sum(1))
+    ntokens = int(target.ne(dictionary.pad()).sum())
+    sample = {"net_input": net_input, "target": target, "ntokens": ntokens, "nsentences": 3}
+    calls = []
+    real = TransformerDecoder.output_layer
+
+    def counting(self, features):
+        calls.append(features.shape)
+        return real(self, features)
+
+    monkeypatch.setattr(TransformerDecoder, "output_layer", counting)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        calls.clear()
+        fused = _criterion_run(criterion, model, sample, True, monkeypatch)
+        assert calls == []  # no logits were formed
+        logits = _criterion_run(criterion, model, sample, False, monkeypatch)
+        assert calls  # the logits path does form them
+        torch.testing.assert_close(fused[0], logits[0], atol=1e-4, rtol=1e-5)
+        assert fused[1].keys() == logits[1].keys()
+        assert ("eps_nll_loss" in fused[1]) == (mode == "eval")
+        for key in ("nll_loss", "ntokens", "sample_size", "eps_nll_loss", "zero_prob_tokens"):
+            if key in fused[1]:
+                got, want = (torch.as_tensor(log[key]).double() for log in (fused[1], logits[1]))
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5, msg=key)
+        assert fused[2].keys() == logits[2].keys()
+        assert any("output_normalizer" in name for name in fused[2])
+        for name, grad in fused[2].items():
+            torch.testing.assert_close(grad, logits[2][name], atol=1e-5, rtol=1e-4, msg=name)
+    softmax, task, cfg = build(data, task_name, arch, flags("softmax"))
+    assert not task.build_criterion(cfg.criterion).fuses_output_layer(softmax)
+
+
 # --- options and checkpoints -----------------------------------------------------------------
 
 
