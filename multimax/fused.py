@@ -331,9 +331,10 @@ class CompiledKernel:
     graph break, the recompile limit, a compiler error) runs eagerly from then on, with one
     warning per kernel; an error that the eager run raises too is the inputs' and is raised."""
 
-    def __init__(self, fn: Callable, sigma: PointwiseSigma) -> None:
+    def __init__(self, fn: Callable, sigma: PointwiseSigma, recompute: bool = False) -> None:
         self.fn = fn
         self.sigma = sigma
+        self.recompute = recompute
         self.name = f"{fn.__name__}_{sigma.key}"
         self.graphs: dict[object, Callable] = {}
         self.eager_patterns: set[object] = set()
@@ -348,7 +349,8 @@ class CompiledKernel:
             return fn(sigma, *args)
 
         entry.__code__ = entry.__code__.replace(co_name=f"{self.name}_{len(self.graphs)}")
-        return torch.compile(entry, dynamic=True, fullgraph=True)
+        options = _recompute_options() if self.recompute else None
+        return torch.compile(entry, dynamic=True, fullgraph=True, options=options)
 
     def __call__(self, *args):
         if not torch.is_grad_enabled():
@@ -382,15 +384,31 @@ class CompiledKernel:
 
 _COMPILED: dict[tuple[str, str], CompiledKernel] = {}
 
+# Inductor's store-or-recompute thresholds, raised: σ(z) is recomputed in each loop over a
+# row instead of stored as a whole chunk (one chunk-sized buffer less, the same time for the
+# output layer's kernel; the attention kernels run faster with the default).
+_RECOMPUTE = {
+    "realize_reads_threshold": 64,
+    "realize_opcount_threshold": 1000,
+    "realize_cpu_opcount_threshold": 1000,
+}
 
-def kernel(fn: Callable, sigma: PointwiseSigma, compiled: bool) -> Callable:
+
+def _recompute_options() -> dict[str, int]:
+    from torch._inductor import config
+
+    return {name: value for name, value in _RECOMPUTE.items() if hasattr(config, name)}
+
+
+def kernel(fn: Callable, sigma: PointwiseSigma, compiled: bool, recompute: bool = False):
     """``fn(sigma, *args)`` as a function of ``args``: a :class:`CompiledKernel` (one per
-    kernel and σ, cached) when ``compiled``, else plain PyTorch."""
+    kernel and σ, cached) when ``compiled``, else plain PyTorch. ``recompute``: compile it to
+    recompute point-wise values rather than store them (less memory, more arithmetic)."""
     if not compiled:
         return functools.partial(fn, sigma)
     key = (f"{fn.__module__}.{fn.__qualname__}", sigma.key)
     if key not in _COMPILED:
-        _COMPILED[key] = CompiledKernel(fn, sigma)
+        _COMPILED[key] = CompiledKernel(fn, sigma, recompute)
     return _COMPILED[key]
 
 
@@ -586,6 +604,10 @@ def _matmul_into_(acc: Tensor, a: Tensor, b: Tensor, add: bool) -> None:
     acc.add_(product) if add else acc.copy_(product)
 
 
+def _slice_key(sl: slice) -> tuple:
+    return (sl.start, sl.stop)
+
+
 def _row_buffer(like: Tensor, shape: Sequence[int], causal: bool, keys: int, **kw) -> Tensor:
     """A buffer that the tiles write row by row: uninitialised when every row is in a tile,
     zeros when some rows have no key (causal with more queries than keys)."""
@@ -657,8 +679,9 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
         # dk, dv add up over a batch item's tiles: float32 for half precision inputs.
         acc = upcast(q).dtype
         dq = _row_buffer(q, (*batch, *q.shape[-2:]), causal, k.shape[-2])
-        dk = torch.zeros(*batch, *k.shape[-2:], dtype=acc, device=k.device) if need_k else None
-        dv = torch.zeros(*batch, *v.shape[-2:], dtype=acc, device=v.device) if need_v else None
+        dk = torch.empty(*batch, *k.shape[-2:], dtype=acc, device=k.device) if need_k else None
+        dv = torch.empty(*batch, *v.shape[-2:], dtype=acc, device=v.device) if need_v else None
+        started: set[object] = set()  # batch slices whose dk, dv hold a first tile's sum
         d_bias = torch.zeros(bias.shape, dtype=acc, device=q.device) if want_dh else None
         d_params = torch.zeros(sum(p.numel() for p in params), dtype=acc, device=q.device)
         grad = kernel(_grad_kernel, sigma, compiled)
@@ -688,13 +711,20 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
                     params,
                 )
                 del raw, dp, drop
+                # The first tile of a batch slice writes dk, dv over all keys (the keys past
+                # its own are zeroed), the later ones add to them.
+                first = _slice_key(tile.batch) not in started
+                started.add(_slice_key(tile.batch))
+                for buffer in (dk, dv) if first else ():
+                    if buffer is not None and tile.keys < buffer.shape[-2]:
+                        _part(buffer, tile.batch)[..., tile.keys :, :].zero_()
                 if need_v:
-                    _matmul_into_(_keys(dv, tile), p.transpose(-2, -1), d_o, add=True)
+                    _matmul_into_(_keys(dv, tile), p.transpose(-2, -1), d_o, add=not first)
                     del p
                 if need_q:
                     _matmul_into_(_rows(dq, tile), d_raw, k_t, add=False)
                 if need_k:
-                    _matmul_into_(_keys(dk, tile), d_raw.transpose(-2, -1), q_t, add=True)
+                    _matmul_into_(_keys(dk, tile), d_raw.transpose(-2, -1), q_t, add=not first)
                 del d_raw
                 if want_dh:
                     region = _scores_part(d_bias, tile)

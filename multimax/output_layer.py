@@ -44,7 +44,7 @@ from .normalizers import Normalizer
 # Logits per chunk (tokens × vocabulary), and the fewest tokens a chunk takes: matrix
 # products with fewer rows stream W once per few rows and run well below the BLAS's speed.
 CHUNK_ENTRIES = 1 << 25
-MIN_CHUNK_TOKENS = 256
+MIN_CHUNK_TOKENS = 128
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -174,7 +174,7 @@ class LinearSigmaCrossEntropy(torch.autograd.Function):
             # A summed or averaged loss: its gradients are formed here, scaled in backward.
             weight_t = _token_weights(valid, reduction, torch.ones((), dtype=losses.dtype))
             grads = _Grads(x, weight, bias, params, needs[:3])
-            run = kernel(_loss_and_grad_kernel, sigma, compiled)
+            run = kernel(_loss_and_grad_kernel, sigma, compiled, recompute=True)
             for i, j in bounds:
                 z = _logits(x[i:j], weight, bias)
                 losses[i:j], nll[i:j], g, d_par = run(
@@ -186,7 +186,7 @@ class LinearSigmaCrossEntropy(torch.autograd.Function):
             ctx.grads = grads
             ctx.save_for_backward(x, weight, bias, safe, valid, *params)
         else:
-            run = kernel(_loss_kernel, sigma, compiled)
+            run = kernel(_loss_kernel, sigma, compiled, recompute=True)
             for i, j in bounds:
                 losses[i:j], nll[i:j] = run(
                     _logits(x[i:j], weight, bias), safe[i:j], smoothing, params
@@ -220,7 +220,7 @@ class LinearSigmaCrossEntropy(torch.autograd.Function):
         else:  # per-token losses (or a second backward): recompute every chunk
             weight_t = _token_weights(valid, reduction, grad_loss.to(upcast(weight).dtype))
             grads = _Grads(x, weight, bias, params, needs[:3])
-            run = kernel(_loss_and_grad_kernel, sigma, compiled)
+            run = kernel(_loss_and_grad_kernel, sigma, compiled, recompute=True)
             with autocast_disabled(x.device.type):
                 for i, j in chunk_bounds(x.shape[0], weight.shape[0], chunk):
                     z = _logits(x[i:j], weight, bias)
