@@ -178,3 +178,22 @@ def test_recompiles_item_compiled_kernels_settle_after_two_lengths(capsys):
     finally:
         set_compile_policy(previous)
     assert "recompiles per batch shape" not in capsys.readouterr().out
+
+
+def test_benchmark_judge_wants_the_scaling_and_output_layer_sections(tmp_path, monkeypatch):
+    """Issue 14: the GPU benchmark item passes only when the report holds the scaling table
+    and the fused output layer, and names the targets that were not met."""
+    report = tmp_path / "speed_gpu.md"
+    monkeypatch.setattr(gpu_check, "SPEED_REPORT", report)
+    judge = gpu_check.benchmark_judge(started=0.0)
+    assert judge(0, "").status == "FAIL"  # not written
+    targets = ("## Targets\n\n| target | measured | goal | met |\n|---|---|---|---|\n"
+               "| attention time | 1.02 [0.98–1.10] | ≤ 1.15 | yes |\n"
+               "| output layer time | 1.30 [1.20–1.40] | ≤ 1.1 | no |\n")  # fmt: skip
+    report.write_text(targets)
+    verdict = judge(0, "")
+    assert verdict.status == "FAIL" and "## Scaling with the sequence length" in verdict.line
+    report.write_text(targets + "\n".join(gpu_check.BENCHMARK_SECTIONS))
+    verdict = judge(0, "")
+    assert verdict.status == "PASS"
+    assert "targets met 1 of 2" in verdict.line and "not met: output layer time" in verdict.line
