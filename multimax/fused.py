@@ -501,6 +501,9 @@ SLICE_SCORES = 1 << 19
 # Query rows per tile under a causal mask: a tile sees only the keys up to its last row, so
 # smaller tiles skip more of the masked triangle (and cost more calls).
 CAUSAL_TILE_ROWS = 128
+# Fewest query rows per tile, whatever SLICE_SCORES says: a GEMM of fewer rows reloads the
+# keys for every few rows and runs well below the BLAS's speed (long sequences).
+MIN_TILE_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -523,7 +526,7 @@ def _even_bounds(total: int, step: int) -> list[int]:
 
 def attention_tiles(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> list[Tile]:
     """Tiles covering every (batch item, query row) that has a key, each of about
-    ``SLICE_SCORES`` scores: whole rows (every key a row sees is in its tile, so a row's
+    ``SLICE_SCORES`` scores (at least ``MIN_TILE_ROWS`` rows): whole rows (every key a row sees is in its tile, so a row's
     softmax needs no second pass), rows split evenly, batch items grouped while they fit.
     Under a causal mask a tile stops at the key of its last row (keys past it are skipped) and
     rows with no key at all (more queries than keys) are in no tile. q, k, v that do not
@@ -533,7 +536,7 @@ def attention_tiles(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> list[Tile]
     sliceable = q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0]
     items = batch_shape[0] if sliceable else 1
     per_row = math.prod(batch_shape[1:] if sliceable else batch_shape) * m  # one batch item
-    rows = max(1, SLICE_SCORES // max(per_row, 1))
+    rows = max(1, MIN_TILE_ROWS, SLICE_SCORES // max(per_row, 1))
     if causal:
         rows = min(rows, CAUSAL_TILE_ROWS)
     row_bounds = _even_bounds(n, rows)

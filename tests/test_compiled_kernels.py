@@ -199,6 +199,7 @@ def test_causal_tiles_do_not_recompile_for_new_lengths(fresh_compiles, monkeypat
     graph for every length, N == M and N != M (a cache)."""
     monkeypatch.setattr(multimax.fused, "SLICE_SCORES", 64)
     monkeypatch.setattr(multimax.fused, "CAUSAL_TILE_ROWS", 3)
+    monkeypatch.setattr(multimax.fused, "MIN_TILE_ROWS", 1)
     normalizer = strong_multimax()
     for i, (b, n, m) in enumerate([(4, 6, 6), (3, 9, 11), (2, 13, 13), (5, 7, 10), (3, 17, 17)]):
         q, k, v, mask, _ = call_inputs(b, n, m, "padding", seed=i)

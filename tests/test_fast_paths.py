@@ -335,8 +335,9 @@ def test_auto_takes_flex_on_cuda_and_fused_kernels_compile_there():
 
 @pytest.mark.parametrize("mask_name", ["bool", "additive", "causal+padding"])
 def test_fused_in_batch_slices_equals_reference(monkeypatch, mask_name):
-    """Small SLICE_SCORES: forward, backward and inference run one batch item at a time."""
+    """Tiles of one score: forward, backward and inference run two rows at a time."""
     monkeypatch.setattr(multimax.fused, "SLICE_SCORES", 1)
+    monkeypatch.setattr(multimax.fused, "MIN_TILE_ROWS", 1)
     normalizer = NORMALIZERS["multimax2"]()
     q, k, v = inputs(n=7)
     mask, causal = masks(2, 7, 7)[mask_name]
@@ -349,6 +350,7 @@ def test_fused_in_batch_slices_equals_reference(monkeypatch, mask_name):
 
 def test_fused_with_keys_shared_across_the_batch(monkeypatch):
     monkeypatch.setattr(multimax.fused, "SLICE_SCORES", 1)
+    monkeypatch.setattr(multimax.fused, "MIN_TILE_ROWS", 1)
     normalizer = NORMALIZERS["multimax1"]()
     q = inputs(b=3, n=5)[0]
     k, v = (t[:1].detach().clone().requires_grad_() for t in inputs(b=1, n=5, seed=3)[1:])
@@ -620,6 +622,7 @@ def small_tiles(monkeypatch):
     def set_tiles(scores: int, causal_rows: int = 3) -> None:
         monkeypatch.setattr(multimax.fused, "SLICE_SCORES", scores)
         monkeypatch.setattr(multimax.fused, "CAUSAL_TILE_ROWS", causal_rows)
+        monkeypatch.setattr(multimax.fused, "MIN_TILE_ROWS", 1)
 
     return set_tiles
 
@@ -665,6 +668,8 @@ def test_causal_tiles_skip_the_keys_above_the_diagonal():
     the tiles' own triangles) are ever computed."""
     q = k = v = torch.empty(2, 8, 1024, 64)
     tiles = multimax.fused.attention_tiles(q, k, v, causal=True)
+    long = multimax.fused.attention_tiles(*(torch.empty(1, 8, 8192, 64),) * 3, causal=False)
+    assert min(t.rows.stop - t.rows.start for t in long) >= multimax.fused.MIN_TILE_ROWS
     assert all(t.keys == t.rows.stop for t in tiles)
     rows = multimax.fused.CAUSAL_TILE_ROWS
     assert max(t.rows.stop - t.rows.start for t in tiles) <= rows
