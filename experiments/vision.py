@@ -46,7 +46,8 @@ def main(cfg: DictConfig) -> float | None:
         results = run_dir / runtime.RESULTS_FILE
         return runtime.read_results(results).metric_value if results.exists() else None
     try:
-        result = train(cfg, run_dir)
+        with runtime.stops_cleanly():
+            result = train(cfg, run_dir)
     except NonFiniteLoss:
         sys.exit(STOP_EXIT_CODE)
     return None if result is None else result.metric_value
