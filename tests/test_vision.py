@@ -145,6 +145,45 @@ def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(uninterrupted, t
     )
 
 
+def test_rerun_of_a_finished_run_changes_nothing(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    run_dir, expected = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    files = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    again = train(cfg_for(*SHORT, "normalizer=multimax"), copy)
+    assert "holds a finished run" in capsys.readouterr().out
+    assert again.metric_value == expected.metric_value and again.steps == expected.steps
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == files
+
+
+def test_wall_seconds_add_up_across_resumes(tmp_path):
+    cfg = cfg_for(*SHORT, "normalizer=softmax", "trainer.stop_after_steps=15")
+    assert train(cfg, tmp_path) is None
+    first = json.loads((tmp_path / runtime.CLOCK_FILE).read_text())["seconds"]
+    assert first > 0
+    resumed = train(cfg, tmp_path)
+    assert resumed.wall_seconds > first  # the first segment counted, not just the last
+    assert json.loads((tmp_path / "results.json").read_text())["wall_seconds"] > first
+
+
+def test_unreadable_checkpoints_start_over_with_a_line_and_a_clean_curve(tmp_path, capsys):
+    cfg = cfg_for(*SHORT, "normalizer=softmax", "trainer.stop_after_steps=10")
+    assert train(cfg, tmp_path) is None
+    for name in (runtime.CHECKPOINT_LAST, runtime.CHECKPOINT_PREVIOUS):
+        if (tmp_path / name).exists():
+            (tmp_path / name).write_bytes(b"garbage")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert train(cfg, tmp_path) is None
+    assert "no readable checkpoint" in capsys.readouterr().out
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / runtime.METRICS_LOG).read_text().splitlines()
+    ]
+    assert steps.count(5) == 1  # the curve of the abandoned start is gone
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = cfg_for(*SHORT, "trainer.checkpoint_every_steps=2", "trainer.inject_nan_at_step=3")
     with pytest.raises(NonFiniteLoss, match="at step 3"):
