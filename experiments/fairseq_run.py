@@ -678,6 +678,7 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
         if not progress.wps:
             reasons["train_tokens_per_s"] = "no training update in this invocation"
         metrics.update(progress.last_valid)
+        reasons.update(zero_probability_reasons(metrics))
         if progress.resumed_from is not None:
             metrics["resumed_from_update"] = float(progress.resumed_from)
         metric_name = headline_metric(cfg)
@@ -713,6 +714,21 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
     )
     runtime.finish_wandb(wandb_run, result)
     return result
+
+
+def zero_probability_reasons(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """Why an infinite perplexity / nll is infinite: targets with probability exactly 0."""
+    reasons = {}
+    for prefix in ("valid", "test"):
+        zeros = metrics.get(f"{prefix}_zero_prob")
+        for key in (f"{prefix}_ppl", f"{prefix}_nll_loss"):
+            value = metrics.get(key)
+            if isinstance(value, float) and math.isinf(value) and zeros:
+                reasons[key] = (
+                    f"infinite: {100 * zeros:.2f}% of the {prefix} targets got probability "
+                    f"exactly 0 (see {prefix}_eps_ppl)"
+                )
+    return reasons
 
 
 def _hydra_overrides() -> list[str]:
