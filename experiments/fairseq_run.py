@@ -100,7 +100,7 @@ def normalizer_flags(cfg: DictConfig) -> list[str]:
     out, out_opts = runtime.normalizer_options(cfg, "output")
     if not uses_plugin(cfg):
         if attn != "softmax" or out != "softmax" or attn_opts.get("learn_temperature"):
-            raise ValueError(
+            raise runtime.ConfigError(
                 f"model.arch={cfg.model.arch} is fairseq's stock architecture (softmax only); "
                 f"use model.arch=multimax_{cfg.model.arch} for normalizer={attn} / "
                 f"output_normalizer={out}"
@@ -126,9 +126,9 @@ def plugin_flags(
     for options in (attn_opts, out_opts):
         for key, value in options.items():
             if key not in merged:
-                raise ValueError(f"normaliser option {key!r} has no fairseq plugin flag")
+                raise runtime.ConfigError(f"normaliser option {key!r} has no fairseq plugin flag")
             if key in seen and seen[key] != value:
-                raise ValueError(
+                raise runtime.ConfigError(
                     f"attention and output normalisers ask for different {key} "
                     f"({seen[key]!r} vs {value!r}); the fairseq flags are shared"
                 )
@@ -158,7 +158,7 @@ def precision_flags(precision: str | None, cuda: bool) -> list[str]:
     Trainer then asks for an XLA device), so ``bf16`` is refused on a CUDA machine."""
     precision = (precision or "fp32").lower()
     if precision not in PRECISIONS:
-        raise ValueError(
+        raise runtime.ConfigError(
             f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
         )
     if precision == "fp32" or not cuda:
@@ -228,6 +228,20 @@ def train_args(cfg: DictConfig, save_dir: Path, cuda: bool | None = None) -> lis
         args.append("--cpu")
     args += distributed_flags(cfg)
     return args
+
+
+def check_command_lines(cfg: DictConfig) -> dict[str, list[str]]:
+    """This run's fairseq command lines, ``{program: args}`` (training and the test-split
+    evaluation), for fairseq's own parsers (``fairseq_worker check_args``): CPU flags, and
+    paths that need not exist yet."""
+    save_dir = Path(CHECKPOINT_DIR)
+    checkpoint = save_dir / str(cfg.evaluate.checkpoint)
+    lines = {"fairseq-train": train_args(cfg, save_dir, cuda=False)}
+    if cfg.task == "language_model":
+        lines["fairseq-eval-lm"] = eval_lm_args(cfg, checkpoint, cuda=False)
+    else:
+        lines["fairseq-generate"] = generate_args(cfg, checkpoint, Path("generate"), cuda=False)
+    return lines
 
 
 def _eval_common(cfg: DictConfig, checkpoint: Path, cuda: bool) -> list[str]:
@@ -780,16 +794,16 @@ def training_stop(
         return runtime.RunStop(
             f"training stopped: the loss or its gradients became NaN/Inf at {update} "
             f"(fairseq: {info.get('error')}); {_last_good(save_dir)}. Try a lower train.lr, "
-            "gradient clipping (train.clip_norm=1.0) or train.precision=fp32, then rerun the "
-            f"same command to resume. Details: {err.log_path}",
+            "gradient clipping (train.clip_norm=1.0) or train.precision=fp32; then "
+            f"{runtime.resume_hint(progress.run_dir)} (details: {err.log_path})",
             runtime.STOP_EXIT_CODE,
         )
     tail = "\n".join(err.tail)
     if err.code < 0 or any(mark in tail for mark in _KILLED_WORKER):
         how = f"killed by {signal.Signals(-err.code).name}" if err.code < 0 else "a worker died"
         return runtime.RunStop(
-            f"training stopped after {where}: {how}; {_last_good(save_dir)}. Rerun the same "
-            f"command to resume. Details: {err.log_path}",
+            f"training stopped after {where}: {how}; {_last_good(save_dir)}; "
+            f"{runtime.resume_hint(progress.run_dir)} (details: {err.log_path})",
             1,
         )
     return None

@@ -153,7 +153,8 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../configs", config_name="mechanism", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)["task_error"]
+    with runtime.stops_cleanly():
+        return train(cfg)["task_error"]
 
 
 if __name__ == "__main__":
