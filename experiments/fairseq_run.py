@@ -349,9 +349,12 @@ def run_stage(
             pass_fds=keep_fds,
         )
         assert proc.stdout is not None
+        echo = runtime.verbose()  # verbose=true: fairseq's own output too, not only the log
         try:
             for line in proc.stdout:
                 log.write(line)
+                if echo:
+                    print(line, end="", flush=True)
                 tail = (tail + [line.rstrip()])[-40:]
                 if on_line is not None:
                     on_line(line.rstrip("\n"))

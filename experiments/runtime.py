@@ -129,8 +129,8 @@ def resume_hint(run_dir: str | Path) -> str:
 # --- what a run prints -----------------------------------------------------------------------
 
 VERBOSE_ENV = "MULTIMAX_VERBOSE"
-# Modules whose warnings are the project's own (shown at the default verbosity).
-_OUR_MODULES = r"(experiments|multimax|scripts)(\.|$)"
+# Warnings issued by any module but the project's own (those keep Python's default filters).
+_NOT_OUR_MODULES = r"(?!(experiments|multimax|scripts)(\.|$))"
 
 
 def verbose() -> bool:
@@ -151,8 +151,7 @@ def configure_output(verbose: bool = False) -> None:
         return
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TQDM_DISABLE"] = "1"  # bars of libraries; ours pass disable= themselves
-    warnings.filterwarnings("ignore")
-    warnings.filterwarnings("default", module=_OUR_MODULES)
+    warnings.filterwarnings("ignore", module=_NOT_OUR_MODULES)
     logging.getLogger().setLevel(logging.ERROR)
     if "datasets" in sys.modules:  # read the variable at import: tell it now as well
         sys.modules["datasets"].disable_progress_bars()

@@ -82,7 +82,8 @@ def image_problem(path: Path) -> str | None:
             if marker not in tail:
                 return f"{kind} file cut short (no end marker)"
     except Exception as err:  # noqa: BLE001 - any failure to read means: not usable
-        return (str(err).splitlines() or [type(err).__name__])[0][:120]
+        why = (str(err).splitlines() or [type(err).__name__])[0]
+        return why.replace(f" '{path}'", "").replace(str(path), "")[:120]
     return None
 
 

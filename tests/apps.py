@@ -38,7 +38,7 @@ TINY_MT = [
     "train.max_tokens=1024",
     "train.log_interval=4",
     "evaluate.args.beam=2",
-    "+evaluate.args.max_len_b=12",
+    "evaluate.args.max_len_b=12",
 ]
 
 
