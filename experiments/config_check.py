@@ -29,10 +29,7 @@ import difflib
 import fnmatch
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -431,7 +428,6 @@ FAIRSEQ_RULES: dict[str, Rule] = {
     "dry_run_options.world_size": integer(1),
     "dry_run_options.cpu_max_tokens": integer(0),
     "data.workers": integer(1),
-    "data.recipe.bpe_symbols": integer(1),
     "data.corpus.generate.n_*": integer(1),
 }
 
@@ -445,7 +441,9 @@ MECHANISM_RULES: dict[str, Rule] = {
     "data.eval_examples": integer(1),
     "model.dim": integer(1),
     "model.heads": integer(1),
-    "model.output_normalizer": one_of(("none",), what="the regression head has no output normaliser"),
+    "model.output_normalizer": one_of(
+        ("none",), what="the regression head has no output normaliser"
+    ),
     "train.steps": integer(1),
     "train.batch_size": integer(1),
     "train.lr": number(gt=0),
@@ -459,10 +457,14 @@ MECHANISM_RULES: dict[str, Rule] = {
 RULES: dict[str, dict[str, Rule]] = {
     "vision": {**SHARED_RULES, **VISION_RULES},
     "language_model": {**SHARED_RULES, **FAIRSEQ_RULES},
-    "translation": {**SHARED_RULES, **FAIRSEQ_RULES},
+    "translation": {**SHARED_RULES, **FAIRSEQ_RULES, "data.recipe.bpe_symbols": integer(1)},
     "mechanism": {**SHARED_RULES, **MECHANISM_RULES},
-    "benchmark": {**SHARED_RULES, "threads": integer(1, null=True), "repeats": integer(1),
-                  "warmup": integer(0)},  # fmt: skip
+    "benchmark": {
+        **SHARED_RULES,
+        "threads": integer(1, null=True),
+        "repeats": integer(1),
+        "warmup": integer(0),
+    },  # fmt: skip
 }
 
 
@@ -550,7 +552,9 @@ def _example(key: str, entry: Declared | None) -> str:
 def _rule_for(key: str, rules: Mapping[str, Rule]) -> Rule | None:
     if key in rules:
         return rules[key]
-    wild = (r for pattern, r in rules.items() if "*" in pattern and fnmatch.fnmatchcase(key, pattern))
+    wild = (
+        r for pattern, r in rules.items() if "*" in pattern and fnmatch.fnmatchcase(key, pattern)
+    )
     return next(wild, None)
 
 
@@ -681,21 +685,14 @@ def fairseq_problems(cfg: DictConfig, passthrough: Mapping[str, Any],
     if not keys:
         return []
     from experiments import fairseq_run
-    from experiments.fairseq_worker import parse_report
 
     try:
-        lines = fairseq_run.check_command_lines(cfg)
-    except runtime.RunStop as stop:
+        found = fairseq_run.parse_with_fairseq(fairseq_run.check_command_lines(cfg))
+    except runtime.RunStop as stop:  # e.g. a stock architecture asked for MultiMax
         return [str(stop)]
-    cmd = [sys.executable, "-m", "experiments.fairseq_worker", "check_args", json.dumps(lines)]
-    env = fairseq_run.child_env(distributed=False)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.getcwd())
-    reports = dict(r for r in map(parse_report, done.stdout.splitlines()) if r is not None)
-    found = reports.get("check_args")
-    if found is None:
-        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
-        return [f"{', '.join(keys)}: fairseq's option check failed to run ({tail})"]
-    return [_fairseq_message(program, error, keys) for program, error in found.items() if error]
+    except RuntimeError as err:
+        return [f"{', '.join(keys)}: {err}"]
+    return [_fairseq_message(program, error, keys) for program, error in found if error]
 
 
 def _fairseq_message(program: str, error: str, keys: list[str]) -> str:
@@ -715,7 +712,9 @@ def _fairseq_message(program: str, error: str, keys: list[str]) -> str:
         )
     bad = re.search(r"argument (--[\w-]+)(?:/-\w+)?: (.*)", error)
     if bad:
-        why = re.sub(r" \(choose from .*\)", f" (see {program} --help for the choices)", bad.group(2))
+        why = re.sub(
+            r" \(choose from .*\)", f" (see {program} --help for the choices)", bad.group(2)
+        )
         return f"{key_of(bad.group(1))}: {program} refuses it: {why}"
     return f"{', '.join(keys)}: {program} refuses the options: {error}"
 

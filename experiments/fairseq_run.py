@@ -230,18 +230,33 @@ def train_args(cfg: DictConfig, save_dir: Path, cuda: bool | None = None) -> lis
     return args
 
 
-def check_command_lines(cfg: DictConfig) -> dict[str, list[str]]:
-    """This run's fairseq command lines, ``{program: args}`` (training and the test-split
-    evaluation), for fairseq's own parsers (``fairseq_worker check_args``): CPU flags, and
-    paths that need not exist yet."""
+def check_command_lines(cfg: DictConfig) -> list[tuple[str, list[str]]]:
+    """This run's fairseq command lines, ``[(program, args), ...]`` (training and the
+    test-split evaluation), for fairseq's own parsers (``fairseq_worker check_args``): CPU
+    flags, and paths that need not exist yet."""
     save_dir = Path(CHECKPOINT_DIR)
     checkpoint = save_dir / str(cfg.evaluate.checkpoint)
-    lines = {"fairseq-train": train_args(cfg, save_dir, cuda=False)}
+    lines = [("fairseq-train", train_args(cfg, save_dir, cuda=False))]
     if cfg.task == "language_model":
-        lines["fairseq-eval-lm"] = eval_lm_args(cfg, checkpoint, cuda=False)
+        lines.append(("fairseq-eval-lm", eval_lm_args(cfg, checkpoint, cuda=False)))
     else:
-        lines["fairseq-generate"] = generate_args(cfg, checkpoint, Path("generate"), cuda=False)
+        lines.append(("fairseq-generate", generate_args(cfg, checkpoint, Path("gen"), cuda=False)))
     return lines
+
+
+def parse_with_fairseq(lines: list[tuple[str, list[str]]]) -> list[tuple[str, str | None]]:
+    """``[(program, argparse's error or None), ...]``: each command line parsed by fairseq's
+    own parser, in a child process (importing fairseq here would register its schemas in
+    Hydra's ConfigStore)."""
+    cmd = [sys.executable, "-m", "experiments.fairseq_worker", "check_args", json.dumps(lines)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env=child_env(distributed=False), cwd=os.getcwd()
+    )
+    reports = dict(r for r in map(parse_report, done.stdout.splitlines()) if r is not None)
+    if "check_args" not in reports:
+        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+        raise RuntimeError(f"fairseq's option check did not run ({tail})")
+    return [(program, error) for program, error in reports["check_args"]]
 
 
 def _eval_common(cfg: DictConfig, checkpoint: Path, cuda: bool) -> list[str]:

@@ -327,9 +327,10 @@ def _raise_parse_error(_parser, message: str) -> None:
 
 
 def check_args(argv: list[str]) -> None:
-    """Parse ``{program: args}`` (JSON, e.g. ``{"fairseq-train": [...]}``) exactly as those
-    fairseq programs do (user dir, architecture, task, criterion, optimizer and scheduler
-    options included); report ``{program: argparse's error or None}``."""
+    """Parse ``[[program, args], ...]`` (JSON; program ``fairseq-train``, ``fairseq-eval-lm``,
+    ``fairseq-generate`` or ``fairseq-validate``) exactly as those programs do (user dir,
+    architecture, task, criterion, optimizer and scheduler options included); report
+    ``[[program, argparse's error or None], ...]``."""
     import argparse
 
     lines = json.loads(argv[0])
@@ -342,13 +343,13 @@ def check_args(argv: list[str]) -> None:
         "fairseq-generate": options.get_generation_parser,
         "fairseq-validate": options.get_validation_parser,
     }
-    found = {}
-    for program, args in lines.items():
+    found = []
+    for program, args in lines:
         try:
             options.parse_args_and_arch(parsers[program](), args)
-            found[program] = None
+            found.append([program, None])
         except _ParseError as err:
-            found[program] = str(err)
+            found.append([program, str(err)])
     report("check_args", found)
 
 

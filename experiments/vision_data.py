@@ -7,6 +7,7 @@ ImageNet and the smoke digits go through the same code; only the config differs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,7 +25,13 @@ from timm.data import ImageDataset, Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from experiments.runtime import REPO_ROOT, ConfigError, DistributedContext, RunStop, atomic_write_text
+from experiments.runtime import (
+    REPO_ROOT,
+    ConfigError,
+    DistributedContext,
+    RunStop,
+    atomic_write_text,
+)
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 IMAGE_CHECK_FILE = ".image_check.json"
@@ -131,10 +138,8 @@ def unreadable_images(root: Path, split: str, workers: int = 16) -> dict[str, st
         found = dict(zip(map(str, files), pool.map(image_problem, files)))
     bad = {path: why for path, why in found.items() if why is not None}
     known[split] = {"fingerprint": fingerprint, "files": len(files), "unreadable": bad}
-    try:
+    with contextlib.suppress(OSError):  # no cache: the check runs again next time
         atomic_write_text(cache, json.dumps(known, indent=1) + "\n")
-    except OSError:
-        pass  # no cache: the check runs again next time
     return bad
 
 

@@ -152,7 +152,9 @@ def write_readme(out: Path, outcomes: Sequence[Outcome], skipped: Sequence[str],
 
 # --- the smoke table of README.md and docs/results.md, written from results/smoke/ ----------
 
-SMOKE_BEGIN = "<!-- smoke-results: written by `python -m scripts.demo` from results/smoke/; do not edit -->"
+SMOKE_BEGIN = (
+    "<!-- smoke-results: written by `python -m scripts.demo` from results/smoke/; do not edit -->"
+)
 SMOKE_END = "<!-- /smoke-results -->"
 # Files that show the smoke table (between the two markers), rewritten by every demo.
 SMOKE_TABLE_FILES = ("README.md", "docs/results.md")
