@@ -147,23 +147,20 @@ def check_images(cfg: DictConfig, root: Path) -> dict[str, set[str]]:
     """{split: unreadable files to leave out}; with ``data.bad_images=refuse`` (the default)
     any unreadable file stops the run, naming the files and the fix."""
     policy = str(cfg.data.get("bad_images", "refuse"))
-    skipped: dict[str, set[str]] = {}
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        bad = unreadable_images(root, str(split))
-        if not bad:
-            continue
+    splits = [str(cfg.data.train_split), str(cfg.data.val_split)]
+    found = {split: bad for split in splits if (bad := unreadable_images(root, split))}
+    for split, bad in found.items():
         shown = "; ".join(f"{p} ({why})" for p, why in sorted(bad.items())[:3])
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         if policy != "skip":
             raise BadImagesError(
-                f"{len(bad)} image(s) of {root / str(split)} cannot be read: {shown}{more}. "
-                "Replace or delete them (the full list is in "
-                f"{_check_cache(root)}), or set data.bad_images=skip to leave them out"
+                f"{len(bad)} image(s) of {root / split} cannot be read: {shown}{more}. "
+                f"Replace or delete them (the full list is in {_check_cache(root)}), or set "
+                "data.bad_images=skip to leave them out"
             )
-        print(f"[data] leaving out {len(bad)} unreadable image(s) of {root / str(split)} "
+        print(f"[data] leaving out {len(bad)} unreadable image(s) of {root / split} "
               f"(data.bad_images=skip): {shown}{more}", flush=True)  # fmt: skip
-        skipped[str(split)] = set(bad)
-    return skipped
+    return {split: set(bad) for split, bad in found.items()}
 
 
 def ensure_data(cfg: DictConfig) -> Path:
