@@ -322,7 +322,6 @@ def test_no_page_quotes_smoke_numbers_of_its_own():
     for path in (REPO_ROOT / "results" / "smoke").glob("*_smoke.csv"):
         with path.open() as f:
             for row in csv.DictReader(f):
-                mean = float(row["mean"])
                 numbers.add(_fmt(float(row["mean"])))  # as the tables show it
     for page in PAGES:
         text = page_text(page)
