@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 from composition import compose
 
-from experiments import config_check
 from experiments.runtime import REPO_ROOT
-from scripts import demo
+
+APPS = ("vision", "language_model", "translation", "mechanism", "benchmark")  # INTERFACES.md
 
 PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO_ROOT / "docs").glob("*.md"))]
 PAGES = [p for p in PAGES if p != "docs/speed.md"]
@@ -129,12 +129,12 @@ def app_invocation(command: Command) -> tuple[str, list[str]] | None:
         modules = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m"]
         module = next((m for m in modules if m.startswith("experiments.")), "")
         app = module.removeprefix("experiments.")
-        if app in config_check.APPS:
+        if app in APPS:
             return app, list(words[words.index(module) + 1 :])
     if words[0] == "scripts/launch_vision.sh":
         rest = list(words[2:])
         return "vision", rest[1:] if rest and rest[0].isdigit() else rest
-    if words[0] == "scripts/launch_fairseq.sh" and len(words) > 1 and words[1] in config_check.APPS:
+    if words[0] == "scripts/launch_fairseq.sh" and len(words) > 1 and words[1] in APPS:
         return words[1], list(words[2:])
     return None
 
@@ -213,6 +213,8 @@ def test_every_python_block_runs_as_written(page, checkout):
 
 
 def _points(args: list[str]) -> list[list[str]]:
+    from experiments import config_check
+
     overrides = [a for a in args if not a.startswith("-") and not is_template([a])]
     if "-m" in args or "--multirun" in args:
         return config_check.sweep_points(overrides)
@@ -222,6 +224,8 @@ def _points(args: list[str]) -> list[list[str]]:
 def test_every_app_command_composes_and_passes_the_config_check():
     """Each Hydra app command of the README and docs (directly, under torchrun / srun, or
     through the launch scripts), every point of a sweep."""
+    from experiments import config_check
+
     checked = 0
     for command in ALL:
         found = app_invocation(command)
@@ -238,6 +242,8 @@ def test_every_app_command_composes_and_passes_the_config_check():
 
 def test_every_sweep_script_command_passes_the_config_check(checkout):
     """``scripts/sweep.sh TABLE OVERRIDES``: the multirun it starts (``DRY=1`` prints it)."""
+    from experiments import config_check
+
     sweeps = [c for c in ALL if c.words[0] == "scripts/sweep.sh" and not is_template(c.words)]
     assert sweeps
     for command in sweeps:
@@ -257,7 +263,7 @@ def _entry_point(command: Command) -> str | None:
     if words[0] in ("python", ".venv/bin/python") and len(words) > 1:
         if words[1] == "-m" and len(words) > 2 and words[2] not in ("pytest",):
             module = words[2]
-            return None if module.removeprefix("experiments.") in config_check.APPS else module
+            return None if module.removeprefix("experiments.") in APPS else module
         if words[1].endswith(".py"):
             return words[1]
     return None
@@ -304,6 +310,8 @@ def test_the_plugins_fairseq_command_lines_parse_as_written():
 
 
 def test_the_smoke_table_is_the_one_results_smoke_gives():
+    from scripts import demo
+
     table = demo.smoke_table(REPO_ROOT / "results" / "smoke")
     assert "| softmax | multimax |" in table and "make demo` made these" in table
     for name in demo.SMOKE_TABLE_FILES:
@@ -316,6 +324,7 @@ def test_no_page_quotes_smoke_numbers_of_its_own():
     """Outside the written tables no page repeats a smoke result (it would go stale)."""
     import csv
 
+    from scripts import demo
     from scripts.make_tables import _fmt
 
     numbers = set()
