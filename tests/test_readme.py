@@ -339,3 +339,21 @@ def test_no_page_quotes_smoke_numbers_of_its_own():
             text = text[:start] + text[end:]
         quoted = {n for n in numbers if re.search(rf"(?<![\d.]){re.escape(n)}(?![\d])", text)}
         assert quoted == set(), f"{page} quotes smoke numbers {sorted(quoted)}"
+
+
+def test_the_smoke_table_follows_the_results(tmp_path):
+    """The table is made from results/smoke's files: change a result, the table changes."""
+    from scripts import demo
+
+    results = tmp_path / "smoke"
+    shutil.copytree(REPO_ROOT / "results" / "smoke", results)
+    csv_file = results / "imagenet_top1_smoke.csv"
+    rows = csv_file.read_text().splitlines()
+    head, multimax = rows[0].split(","), next(r for r in rows if ",multimax,multimax," in r)
+    cells = multimax.split(",")
+    cells[head.index("mean")] = "12.5"
+    csv_file.write_text("\n".join(r if r != multimax else ",".join(cells) for r in rows) + "\n")
+    table = demo.smoke_table(results)
+    assert "| 12.50 |" in table
+    text = (REPO_ROOT / "README.md").read_text()
+    assert "| 12.50 |" in demo.with_smoke_table(text, table)
