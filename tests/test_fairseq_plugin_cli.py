@@ -43,9 +43,7 @@ def fairseq(command: str, *args: str, cwd: Path) -> str:
     module = command.removeprefix("fairseq-").replace("-", "_")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", f"fairseq_cli.{module}"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{command} failed:\n{output[-4000:]}"
     return output
@@ -161,7 +159,7 @@ def score_lm(*args: str, cwd: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.fairseq_worker", "score_lm", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = dict(r for line in proc.stdout.splitlines() if (r := parse_report(line)))

@@ -313,7 +313,6 @@ def test_lm_paper_dry_run_without_data(tmp_path):
         "language_model",
         ["experiment=lm_wikitext103", "dry_run=true", "logger=none", f"data.root={tmp_path}",
          f"hydra.run.dir={tmp_path / 'run'}"],
-        timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "full schedule:     50,000 steps" in proc.stdout
@@ -324,7 +323,6 @@ def test_missing_real_corpus_is_a_clear_error(tmp_path):
         "language_model",
         ["experiment=lm_wikitext103", "logger=none", f"data.root={tmp_path}",
          f"hydra.run.dir={tmp_path / 'run'}"],
-        timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0
     assert "python -m scripts.prepare_wikitext103" in proc.stdout + proc.stderr

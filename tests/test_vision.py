@@ -252,7 +252,7 @@ def test_two_torchrun_processes_train_as_one_with_the_same_global_batch(tmp_path
         f"hydra.run.dir={tmp_path / 'two'}",
     ]
     for cmd, processes in ((one, 1), (two, 2)):
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert f"{processes} process(es)" in done.stdout
     single, parallel = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -318,8 +318,74 @@ def test_full_smoke_profile_learns_the_digits_within_five_minutes(normalizer, tm
         f"hydra.run.dir={tmp_path}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["metric_value"] > 60  # chance: 10 %
     assert "train img/s" in done.stdout and "attention path:" in done.stdout
+
+
+# --- data errors name the file and the fix (issue 12, point 7) ---------------------------------
+
+
+def test_a_data_root_holding_other_files_is_refused_and_left_alone(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("not an image tree\n")
+    with pytest.raises(DataLayoutError, match=r"notes\.txt.*a missing or empty folder"):
+        ensure_data(cfg_for("profile=smoke", f"data.root={root}"))
+    assert [p.name for p in root.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no temp tree left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ensure_data(cfg_for("profile=smoke", f"data.root={empty}")) == empty
+    assert (empty / "train").is_dir()
+
+
+@pytest.fixture
+def damaged_digits(tmp_path):
+    """A digits tree with one PNG cut short (it still opens) and one that is not an image."""
+    from experiments.data.digits import write_digits
+
+    root = write_digits(tmp_path / "digits")
+    files = sorted((root / "train").glob("*/*.png"))
+    cut, junk = files[5], files[700]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    junk.write_bytes(b"not an image")
+    return root, cut, junk
+
+
+def test_unreadable_images_are_named_once_and_refused_or_left_out(damaged_digits, monkeypatch):
+    from experiments import vision_data
+    from experiments.vision_data import BadImagesError, build_datasets
+
+    root, cut, junk = damaged_digits
+    with pytest.raises(BadImagesError) as refused:
+        build_datasets(cfg_for("profile=smoke", f"data.root={root}"))
+    message = str(refused.value)
+    assert f"2 image(s) of {root / 'train'} cannot be read" in message
+    assert f"{cut} (Truncated File Read)" in message and f"{junk} (cannot identify" in message
+    assert "data.bad_images=skip" in message and "\n" not in message
+
+    def no_second_look(path):
+        raise AssertionError(f"{path} checked again")
+
+    monkeypatch.setattr(vision_data, "image_problem", no_second_look)  # the check is remembered
+    train, val = build_datasets(
+        cfg_for("profile=smoke", f"data.root={root}", "data.bad_images=skip")
+    )
+    assert (len(train), len(val)) == (1437 - 2, 360)
+    assert str(cut) not in {str(p) for p, _ in train.reader.samples}
+
+
+def test_the_app_stops_in_one_line_on_unreadable_images(damaged_digits, tmp_path):
+    from apps import run_app
+
+    root, cut, _ = damaged_digits
+    run_dir = tmp_path / "run"
+    proc = run_app("vision", ["profile=smoke", "logger=none", f"data.root={root}",
+                              f"hydra.run.dir={run_dir}"])  # fmt: skip
+    assert proc.returncode == runtime.USAGE_EXIT_CODE
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ERROR: 2 image(s)") and str(cut) in lines[0]
+    assert not run_dir.exists()  # Hydra's .hydra/ of the refused run is gone too
