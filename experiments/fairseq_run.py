@@ -100,7 +100,7 @@ def normalizer_flags(cfg: DictConfig) -> list[str]:
     out, out_opts = runtime.normalizer_options(cfg, "output")
     if not uses_plugin(cfg):
         if attn != "softmax" or out != "softmax" or attn_opts.get("learn_temperature"):
-            raise ValueError(
+            raise runtime.ConfigError(
                 f"model.arch={cfg.model.arch} is fairseq's stock architecture (softmax only); "
                 f"use model.arch=multimax_{cfg.model.arch} for normalizer={attn} / "
                 f"output_normalizer={out}"
@@ -126,9 +126,9 @@ def plugin_flags(
     for options in (attn_opts, out_opts):
         for key, value in options.items():
             if key not in merged:
-                raise ValueError(f"normaliser option {key!r} has no fairseq plugin flag")
+                raise runtime.ConfigError(f"normaliser option {key!r} has no fairseq plugin flag")
             if key in seen and seen[key] != value:
-                raise ValueError(
+                raise runtime.ConfigError(
                     f"attention and output normalisers ask for different {key} "
                     f"({seen[key]!r} vs {value!r}); the fairseq flags are shared"
                 )
@@ -158,7 +158,7 @@ def precision_flags(precision: str | None, cuda: bool) -> list[str]:
     Trainer then asks for an XLA device), so ``bf16`` is refused on a CUDA machine."""
     precision = (precision or "fp32").lower()
     if precision not in PRECISIONS:
-        raise ValueError(
+        raise runtime.ConfigError(
             f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
         )
     if precision == "fp32" or not cuda:
@@ -228,6 +228,35 @@ def train_args(cfg: DictConfig, save_dir: Path, cuda: bool | None = None) -> lis
         args.append("--cpu")
     args += distributed_flags(cfg)
     return args
+
+
+def check_command_lines(cfg: DictConfig) -> list[tuple[str, list[str]]]:
+    """This run's fairseq command lines, ``[(program, args), ...]`` (training and the
+    test-split evaluation), for fairseq's own parsers (``fairseq_worker check_args``): CPU
+    flags, and paths that need not exist yet."""
+    save_dir = Path(CHECKPOINT_DIR)
+    checkpoint = save_dir / str(cfg.evaluate.checkpoint)
+    lines = [("fairseq-train", train_args(cfg, save_dir, cuda=False))]
+    if cfg.task == "language_model":
+        lines.append(("fairseq-eval-lm", eval_lm_args(cfg, checkpoint, cuda=False)))
+    else:
+        lines.append(("fairseq-generate", generate_args(cfg, checkpoint, Path("gen"), cuda=False)))
+    return lines
+
+
+def parse_with_fairseq(lines: list[tuple[str, list[str]]]) -> list[tuple[str, str | None]]:
+    """``[(program, argparse's error or None), ...]``: each command line parsed by fairseq's
+    own parser, in a child process (importing fairseq here would register its schemas in
+    Hydra's ConfigStore)."""
+    cmd = [sys.executable, "-m", "experiments.fairseq_worker", "check_args", json.dumps(lines)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env=child_env(distributed=False), cwd=os.getcwd()
+    )
+    reports = dict(r for r in map(parse_report, done.stdout.splitlines()) if r is not None)
+    if "check_args" not in reports:
+        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+        raise RuntimeError(f"fairseq's option check did not run ({tail})")
+    return [(program, error) for program, error in reports["check_args"]]
 
 
 def _eval_common(cfg: DictConfig, checkpoint: Path, cuda: bool) -> list[str]:
@@ -335,9 +364,12 @@ def run_stage(
             pass_fds=keep_fds,
         )
         assert proc.stdout is not None
+        echo = runtime.verbose()  # verbose=true: fairseq's own output too, not only the log
         try:
             for line in proc.stdout:
                 log.write(line)
+                if echo:
+                    print(line, end="", flush=True)
                 tail = (tail + [line.rstrip()])[-40:]
                 if on_line is not None:
                     on_line(line.rstrip("\n"))
@@ -678,6 +710,7 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
         if not progress.wps:
             reasons["train_tokens_per_s"] = "no training update in this invocation"
         metrics.update(progress.last_valid)
+        reasons.update(zero_probability_reasons(metrics))
         if progress.resumed_from is not None:
             metrics["resumed_from_update"] = float(progress.resumed_from)
         metric_name = headline_metric(cfg)
@@ -713,6 +746,21 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
     )
     runtime.finish_wandb(wandb_run, result)
     return result
+
+
+def zero_probability_reasons(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """Why an infinite perplexity / nll is infinite: targets with probability exactly 0."""
+    reasons = {}
+    for prefix in ("valid", "test"):
+        zeros = metrics.get(f"{prefix}_zero_prob")
+        for key in (f"{prefix}_ppl", f"{prefix}_nll_loss"):
+            value = metrics.get(key)
+            if isinstance(value, float) and math.isinf(value) and zeros:
+                reasons[key] = (
+                    f"infinite: {100 * zeros:.2f}% of the {prefix} targets got probability "
+                    f"exactly 0 (see {prefix}_eps_ppl)"
+                )
+    return reasons
 
 
 def _hydra_overrides() -> list[str]:
@@ -780,16 +828,16 @@ def training_stop(
         return runtime.RunStop(
             f"training stopped: the loss or its gradients became NaN/Inf at {update} "
             f"(fairseq: {info.get('error')}); {_last_good(save_dir)}. Try a lower train.lr, "
-            "gradient clipping (train.clip_norm=1.0) or train.precision=fp32, then rerun the "
-            f"same command to resume. Details: {err.log_path}",
+            "gradient clipping (train.clip_norm=1.0) or train.precision=fp32; then "
+            f"{runtime.resume_hint(progress.run_dir)} (details: {err.log_path})",
             runtime.STOP_EXIT_CODE,
         )
     tail = "\n".join(err.tail)
     if err.code < 0 or any(mark in tail for mark in _KILLED_WORKER):
         how = f"killed by {signal.Signals(-err.code).name}" if err.code < 0 else "a worker died"
         return runtime.RunStop(
-            f"training stopped after {where}: {how}; {_last_good(save_dir)}. Rerun the same "
-            f"command to resume. Details: {err.log_path}",
+            f"training stopped after {where}: {how}; {_last_good(save_dir)}; "
+            f"{runtime.resume_hint(progress.run_dir)} (details: {err.log_path})",
             1,
         )
     return None

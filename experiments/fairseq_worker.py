@@ -6,7 +6,7 @@
 command line; ``score_lm`` scores the test split as ``fairseq-eval-lm`` does (same options,
 same data pipeline, fairseq's ``SequenceScorer``) but counts every token, exact zeros
 included, and reports the ε-perplexity; ``dry_run`` builds fairseq's ``Trainer`` and times two
-updates. Reports for the parent are single lines starting with :data:`REPORT_MARK`.
+updates; ``check_args`` parses a run's command lines with fairseq's own parsers. Reports for the parent are single lines starting with :data:`REPORT_MARK`.
 
 The process dies with its parent: the parent starts it as the leader of a new process group
 and it asks the kernel for SIGTERM when the parent dies (``PR_SET_PDEATHSIG``), on which it
@@ -30,7 +30,7 @@ from experiments.runtime import STOP_EXIT_CODE
 
 REPORT_MARK = "@multimax@ "  # the child's report lines, told apart from fairseq's own output
 PARENT_PID_ENV = "MULTIMAX_PARENT_PID"
-STAGES = ("train", "score_lm", "validate", "generate", "dry_run")
+STAGES = ("train", "score_lm", "validate", "generate", "dry_run", "check_args")
 
 
 def report(kind: str, payload) -> None:
@@ -315,6 +315,44 @@ def dry_run(argv: list[str]) -> None:
 # --- entry point ------------------------------------------------------------------------------------
 
 
+# --- check_args: fairseq's own parsers on a run's command lines, before the run starts -----------
+
+
+class _ParseError(Exception):
+    """argparse's error, raised instead of printing the usage and exiting."""
+
+
+def _raise_parse_error(_parser, message: str) -> None:
+    raise _ParseError(message)
+
+
+def check_args(argv: list[str]) -> None:
+    """Parse ``[[program, args], ...]`` (JSON; program ``fairseq-train``, ``fairseq-eval-lm``,
+    ``fairseq-generate`` or ``fairseq-validate``) exactly as those programs do (user dir,
+    architecture, task, criterion, optimizer and scheduler options included); report
+    ``[[program, argparse's error or None], ...]``."""
+    import argparse
+
+    lines = json.loads(argv[0])
+    argparse.ArgumentParser.error = _raise_parse_error  # type: ignore[method-assign]
+    from fairseq import options
+
+    parsers = {
+        "fairseq-train": options.get_training_parser,
+        "fairseq-eval-lm": options.get_eval_lm_parser,
+        "fairseq-generate": options.get_generation_parser,
+        "fairseq-validate": options.get_validation_parser,
+    }
+    found = []
+    for program, args in lines:
+        try:
+            options.parse_args_and_arch(parsers[program](), args)
+            found.append([program, None])
+        except _ParseError as err:
+            found.append([program, str(err)])
+    report("check_args", found)
+
+
 def main(argv: list[str]) -> None:
     stage, args = argv[0], argv[1:]
     if stage not in STAGES:
@@ -328,6 +366,9 @@ def main(argv: list[str]) -> None:
         return
     if stage == "score_lm":
         score_lm(args)
+        return
+    if stage == "check_args":
+        check_args(args)
         return
     import importlib
 

@@ -44,7 +44,19 @@ def normalizer_label(cfg: DictConfig) -> str:
 
 
 def train(cfg: DictConfig) -> dict:
+    """Train and evaluate in the run dir; a finished run there is left as it is (a run of
+    seconds has no checkpoints: an unfinished one starts over, its curve cleared)."""
     run_dir = runtime.hydra_run_dir()
+    finished = runtime.finished_result(run_dir, int(cfg.train.steps))
+    if finished is not None:
+        print(f"{run_dir} holds a finished run (task_error {finished.metric_value}): nothing to do")
+        return dict(finished.metrics)
+    with runtime.RunLock(run_dir):
+        runtime.trim_metrics_log(run_dir, 0)
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir) -> dict:
     runtime.seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     task = RetrievalTask(**{f.name: cfg.data[f.name] for f in dataclasses.fields(RetrievalTask)})
@@ -153,7 +165,8 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../configs", config_name="mechanism", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)["task_error"]
+    with runtime.stops_cleanly():
+        return train(cfg)["task_error"]
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ import json
 import math
 import os
 import random
+import shlex
+import shutil
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -49,15 +52,119 @@ class RunStop(Exception):
         self.exit_code = exit_code
 
 
+class ConfigError(RunStop, ValueError):
+    """A configured value the run cannot use: one line naming the key and the fix."""
+
+
 @contextlib.contextmanager
 def stops_cleanly() -> Iterator[None]:
     """Around an app's work: a :class:`RunStop` prints ``ERROR: <message>`` on stderr and
-    exits with its code, without a traceback."""
+    exits with its code, without a traceback (with one first under ``HYDRA_FULL_ERROR=1``).
+    A run directory this invocation created and left holding nothing but Hydra's record and
+    the lock is removed, so nothing looks like a run."""
     try:
         yield
     except RunStop as stop:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        discard_unused_run_dir()
         print(f"ERROR: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
+
+
+# The run directory this invocation is about to create (None: it existed, or no Hydra run).
+_NEW_RUN_DIR: Path | None = None
+# What Hydra and the lock put into a run directory before the app writes anything.
+_BEFORE_ANY_WORK = (".hydra", LOCK_FILE)
+
+
+def note_run_dir(run_dir: str | Path) -> None:
+    """Called before Hydra creates the run directory: remember it if this invocation makes it."""
+    global _NEW_RUN_DIR
+    run_dir = Path(run_dir).resolve()
+    _NEW_RUN_DIR = None if run_dir.exists() else run_dir
+
+
+def discard_unused_run_dir() -> None:
+    """Remove the run directory this invocation created, if it holds nothing but Hydra's
+    ``.hydra/`` record and the lock file (the app stopped before its first file)."""
+    run_dir = _NEW_RUN_DIR
+    if run_dir is None or not run_dir.is_dir():
+        return
+    if any(p.name not in _BEFORE_ANY_WORK for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+
+
+def resume_command(run_dir: str | Path) -> str | None:
+    """The command that continues this run: the app and its overrides as given, with
+    ``hydra.run.dir=`` set to ``run_dir``; None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    skip = ("hydra.run.dir=", "hydra.mode=")
+    overrides += [o for o in hc.overrides.hydra if not o.startswith(skip)]
+    args = shlex.join([*overrides, f"hydra.run.dir={Path(run_dir).resolve()}"])
+    app = f"-m experiments.{hc.job.name} {args}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's own flags are not known here
+        return f"the same torchrun ... {app}"
+    return f"python {app}"
+
+
+def resume_hint(run_dir: str | Path) -> str:
+    """``to resume: <the exact command>`` (the run dir named, so a ``${now:...}`` default
+    does not start a new run)."""
+    command = resume_command(run_dir)
+    if command is None:
+        return f"rerun the same command to resume from {run_dir}"
+    return f"to resume: {command}"
+
+
+# --- what a run prints -----------------------------------------------------------------------
+
+VERBOSE_ENV = "MULTIMAX_VERBOSE"
+# Warnings issued by any module but the project's own (those keep Python's default filters).
+_NOT_OUR_MODULES = r"(?!(experiments|multimax|scripts)(\.|$))"
+
+
+def verbose() -> bool:
+    """Whether third-party output is wanted (``verbose=true``; children inherit it)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def configure_output(verbose: bool = False) -> None:
+    """The default output of an app is the project's own progress lines: third-party
+    warnings, log records below ERROR and progress bars (datasets, subword-nmt) are kept out
+    of it; ``verbose=true`` shows them. Child processes inherit the choice."""
+    import logging
+
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+        logging.getLogger().setLevel(logging.INFO)
+        return
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # bars of libraries; ours pass disable= themselves
+    warnings.filterwarnings("ignore", module=_NOT_OUR_MODULES)
+    logging.getLogger().setLevel(logging.ERROR)
+    if "datasets" in sys.modules:  # read the variable at import: tell it now as well
+        sys.modules["datasets"].disable_progress_bars()
+
+
+def _help_resolver(app: str) -> str:
+    from experiments.config_check import help_text
+
+    return help_text(app)
+
+
+if not OmegaConf.has_resolver("app_help"):
+    OmegaConf.register_new_resolver("app_help", _help_resolver)
 
 
 # --- seeding and distributed context ----------------------------------------------------

@@ -36,20 +36,21 @@ from multimax.integrations.timm import GapVisionTransformer
 
 @hydra.main(config_path="../configs", config_name="vision", version_base=None)
 def main(cfg: DictConfig) -> float | None:
-    if cfg.dry_run:
-        dry_run(cfg)
-        return None
-    run_dir = runtime.hydra_run_dir()
-    workers = worker_command(cfg, list(HydraConfig.get().overrides.task), run_dir)
-    if workers is not None:  # a single launcher process on a multi-GPU node: one per GPU
-        run_workers(workers)
-        results = run_dir / runtime.RESULTS_FILE
-        return runtime.read_results(results).metric_value if results.exists() else None
-    try:
-        result = train(cfg, run_dir)
-    except NonFiniteLoss:
-        sys.exit(STOP_EXIT_CODE)
-    return None if result is None else result.metric_value
+    with runtime.stops_cleanly():
+        if cfg.dry_run:
+            dry_run(cfg)
+            return None
+        run_dir = runtime.hydra_run_dir()
+        workers = worker_command(cfg, list(HydraConfig.get().overrides.task), run_dir)
+        if workers is not None:  # a single launcher process on a multi-GPU node: one per GPU
+            run_workers(workers)
+            results = run_dir / runtime.RESULTS_FILE
+            return runtime.read_results(results).metric_value if results.exists() else None
+        try:
+            result = train(cfg, run_dir)
+        except NonFiniteLoss:
+            sys.exit(STOP_EXIT_CODE)
+        return None if result is None else result.metric_value
 
 
 def load_trained_model(

@@ -7,8 +7,13 @@ ImageNet and the smoke digits go through the same code; only the config differs.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +25,27 @@ from timm.data import ImageDataset, Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from experiments.runtime import REPO_ROOT, DistributedContext
+from experiments.runtime import (
+    REPO_ROOT,
+    ConfigError,
+    DistributedContext,
+    RunStop,
+    atomic_write_text,
+)
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+IMAGE_CHECK_FILE = ".image_check.json"
+# Bytes at the end of a file that must hold the format's end marker (JPEG files may carry a
+# little padding after theirs).
+_TRAILER_BYTES = 1024
 
 
-class DataLayoutError(FileNotFoundError):
+class DataLayoutError(RunStop, FileNotFoundError):
     """The data root is missing or not an image-folder tree."""
+
+
+class BadImagesError(RunStop):
+    """Images of the tree cannot be read; the message names them and the fix."""
 
 
 def data_root(cfg: DictConfig) -> Path:
@@ -38,9 +57,9 @@ def check_image_folder(root: Path, splits: tuple[str, ...], prepare_command: str
     """Raise :class:`DataLayoutError` naming the expected layout unless every split of
     ``root`` is a folder of class folders holding images."""
     layout = (
-        f"expected an image-folder tree:\n  {root}/<split>/<class>/<image>  "
-        f"for splits {', '.join(splits)} (e.g. {root}/train/n01440764/xxx.JPEG)\n"
-        f"build it with: {prepare_command}   (or point data.root=... at an existing tree)"
+        f"expected {root}/<split>/<class>/<image> for splits {', '.join(splits)} "
+        f"(e.g. {root}/train/n01440764/xxx.JPEG); build it with: {prepare_command} "
+        "(or point data.root=... at an existing tree)"
     )
     for split in splits:
         folder = root / split
@@ -54,15 +73,129 @@ def check_image_folder(root: Path, splits: tuple[str, ...], prepare_command: str
             raise DataLayoutError(f"{folder}'s class folders hold no images; {layout}")
 
 
+def image_problem(path: Path) -> str | None:
+    """Why the image at ``path`` cannot be trained on, or None: its header must parse, a PNG
+    must pass its checksums and a JPEG must end with its end-of-image marker (a file cut
+    short fails here instead of being swapped for another sample at every epoch)."""
+    try:
+        with Image.open(path) as img:
+            kind = img.format
+            img.verify()  # PNG: every chunk's CRC; other formats: the header
+        if kind in ("JPEG", "PNG"):
+            with path.open("rb") as f:
+                f.seek(max(path.stat().st_size - _TRAILER_BYTES, 0))
+                tail = f.read()
+            marker = b"\xff\xd9" if kind == "JPEG" else b"IEND"
+            if marker not in tail:
+                return f"{kind} file cut short (no end marker)"
+    except Exception as err:  # noqa: BLE001 - any failure to read means: not usable
+        why = (str(err).splitlines() or [type(err).__name__])[0]
+        return why.replace(f" '{path}'", "").replace(str(path), "")[:120]
+    return None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for c in folder.iterdir() if c.is_dir() for p in c.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    )  # fmt: skip
+
+
+def _fingerprint(files: list[Path]) -> str:
+    digest = hashlib.sha1()
+    for p in files:
+        st = p.stat()
+        digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_cache(root: Path) -> Path:
+    """Where the image check of ``root`` is remembered: in the tree, or the user's cache
+    when the tree is read-only."""
+    if os.access(root, os.W_OK):
+        return root / IMAGE_CHECK_FILE
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "multimax"
+    return cache / f"image_check_{hashlib.sha1(str(root).encode()).hexdigest()[:16]}.json"
+
+
+def unreadable_images(root: Path, split: str, workers: int = 16) -> dict[str, str]:
+    """{path: why} of the images of ``root/split`` that cannot be read (:func:`image_problem`);
+    checked once, then remembered until a file of the split changes."""
+    folder = root / split
+    files = _image_files(folder)
+    fingerprint = _fingerprint(files)
+    cache = _check_cache(root)
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(split) or {}
+    if entry.get("fingerprint") == fingerprint:
+        return dict(entry.get("unreadable", {}))
+    if len(files) > 20_000:
+        print(f"[data] checking the {len(files):,} images of {folder} once", flush=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # I/O bound: threads suffice
+        found = dict(zip(map(str, files), pool.map(image_problem, files)))
+    bad = {path: why for path, why in found.items() if why is not None}
+    known[split] = {"fingerprint": fingerprint, "files": len(files), "unreadable": bad}
+    with contextlib.suppress(OSError):  # no cache: the check runs again next time
+        atomic_write_text(cache, json.dumps(known, indent=1) + "\n")
+    return bad
+
+
+def check_images(cfg: DictConfig, root: Path) -> dict[str, set[str]]:
+    """{split: unreadable files to leave out}; with ``data.bad_images=refuse`` (the default)
+    any unreadable file stops the run, naming the files and the fix."""
+    policy = str(cfg.data.get("bad_images", "refuse"))
+    splits = [str(cfg.data.train_split), str(cfg.data.val_split)]
+    found = {split: bad for split in splits if (bad := unreadable_images(root, split))}
+    for split, bad in found.items():
+        shown = "; ".join(f"{p} ({why})" for p, why in sorted(bad.items())[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        if policy != "skip":
+            raise BadImagesError(
+                f"{len(bad)} image(s) of {root / split} cannot be read: {shown}{more}. "
+                f"Replace or delete them (the full list is in {_check_cache(root)}), or set "
+                "data.bad_images=skip to leave them out"
+            )
+        print(f"[data] leaving out {len(bad)} unreadable image(s) of {root / split} "
+              f"(data.bad_images=skip): {shown}{more}", flush=True)  # fmt: skip
+    return {split: set(bad) for split, bad in found.items()}
+
+
 def ensure_data(cfg: DictConfig) -> Path:
     """The checked data root; the digits tree is written on first use (cached, atomically)."""
     root = data_root(cfg)
     if cfg.data.name == "digits":
         from experiments.data.digits import write_digits
 
-        write_digits(root)
+        try:
+            write_digits(root)
+        except FileExistsError as err:
+            raise DataLayoutError(f"data.root={root}: {err}") from None
     check_image_folder(root, (cfg.data.train_split, cfg.data.val_split), cfg.data.prepare_command)
     return root
+
+
+class ImageFolder(ImageDataset):
+    """timm's ``ImageDataset`` without its silent substitution: a file that cannot be read
+    stops the run naming it (timm would train on the next sample instead)."""
+
+    def __init__(self, root: str, leave_out: set[str] = frozenset(), **kwargs) -> None:
+        super().__init__(root, **kwargs)
+        self._max_retries = 1
+        if leave_out:
+            samples = self.reader.samples
+            self.reader.samples = [s for s in samples if str(s[0]) not in leave_out]
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except RuntimeError as err:
+            path = self.reader.samples[index][0]
+            raise BadImagesError(
+                f"{path} cannot be read; replace or delete it, or set data.bad_images=skip"
+            ) from err
 
 
 class RandomImages(Dataset):
@@ -122,9 +255,16 @@ def build_datasets(cfg: DictConfig, synthetic: bool = False) -> tuple[Dataset, D
             RandomImages(int(cfg.data.val_size), n, transform=eval_tf),
         )
     root = ensure_data(cfg)
-    train = ImageDataset(str(root / cfg.data.train_split), transform=train_tf)
-    val = ImageDataset(
-        str(root / cfg.data.val_split), transform=eval_tf, class_map=_class_map(train)
+    leave_out = check_images(cfg, root)
+    train_split, val_split = str(cfg.data.train_split), str(cfg.data.val_split)
+    train = ImageFolder(
+        str(root / train_split), leave_out=leave_out.get(train_split, set()), transform=train_tf
+    )
+    val = ImageFolder(
+        str(root / val_split),
+        leave_out=leave_out.get(val_split, set()),
+        transform=eval_tf,
+        class_map=_class_map(train),
     )
     return train, val
 
@@ -183,7 +323,7 @@ class VisionData:
 
 def per_process_batch(global_batch: int, world_size: int) -> int:
     if global_batch % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.batch_size={global_batch} (global) does not split over {world_size} "
             "processes; pick a multiple of the process count"
         )
@@ -233,7 +373,10 @@ def build_data(
         )
     steps = len(sampler) // batch
     if steps == 0:
-        raise ValueError(f"{len(sampler)} training images per process < one batch of {batch}")
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size}: {len(sampler)} training images per "
+            f"process are less than one batch of {batch}; give a smaller trainer.batch_size"
+        )
     return VisionData(train_loader, val_loader, sampler, mixup, batch, steps, len(train), synthetic)
 
 

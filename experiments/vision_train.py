@@ -124,7 +124,9 @@ def resolve_device(cfg: DictConfig, ctx: runtime.DistributedContext) -> torch.de
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
+        raise runtime.ConfigError(
+            "trainer.device=cuda: no CUDA device is visible; use trainer.device=auto or cpu"
+        )
     return ctx.device
 
 
@@ -375,9 +377,7 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
-    if ctx.is_main:
-        runtime.atomic_write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
-    parts = build_parts(cfg, ctx)
+    parts = build_parts(cfg, ctx)  # checks the data first: a refused run writes nothing
     data = parts.data
     seed = int(cfg.seed)
     epochs, total = int(cfg.trainer.epochs), int(cfg.trainer.epochs) * data.steps_per_epoch
@@ -391,6 +391,9 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
         return finished
     lock = runtime.RunLock(run_dir) if ctx.is_main else None
     with lock or nullcontext():
+        if ctx.is_main:
+            config = OmegaConf.to_yaml(cfg, resolve=True)
+            runtime.atomic_write_text(run_dir / RESOLVED_CONFIG, config)
         return _train(cfg, run_dir, ctx, parts, seed, epochs, total)
 
 
@@ -497,7 +500,7 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
                     if ctx.is_main:
                         print(
                             f"stopped after {stop_after} steps (trainer.stop_after_steps) at step "
-                            f"{step}; rerun the same command to resume from {run_dir}"
+                            f"{step}; {runtime.resume_hint(run_dir)}"
                         )
                     runtime.finish_wandb(wandb_run)
                     return None

@@ -78,6 +78,9 @@ TABLES: tuple[TableSpec, ...] = (
         "test perplexity",
         ("wikitext", "language_model", "perplexity"),
         higher_is_better=False,
+        # every run's ε-perplexity and share of zero-probability tokens: the comparable
+        # numbers for outputs that give tokens probability 0 (sparsemax, entmax, evsoftmax)
+        also=("test_eps_perplexity", "test_zero_prob_share"),
     ),
     TableSpec("imagenet_top1", "ImageNet-1K", "top-1 (%)", ("imagenet", "vision", "image")),
 )
@@ -186,6 +189,9 @@ def run_from_record(data: Mapping[str, Any], path: str) -> Run:
     """A :class:`Run` from a ``results.json`` mapping; ``ValueError`` says what is wrong."""
     if not isinstance(data, Mapping):
         raise ValueError("not a JSON object")
+    if data.get("metric_value") is None and "metric_value" in data:
+        why = (data.get("null_reasons") or {}).get("metric_value", "no reason given")
+        raise ValueError(f"metric_value is null ({why})")
     missing = [k for k in REQUIRED if data.get(k) in (None, "")]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
@@ -206,11 +212,19 @@ def run_from_record(data: Mapping[str, Any], path: str) -> Run:
         normalizer=normalizer_label(str(data["normalizer"]), config),
         output_normalizer=output,
         seed=seed,
-        metric_name=str(data["metric_name"]),
+        metric_name=metric_label(str(data["metric_name"]), data.get("metrics") or {}),
         metric_value=value,
         profile=str(data.get("profile") or "paper"),
         finished_at=str(data.get("finished_at") or ""),
     )
+
+
+def metric_label(name: str, metrics: Mapping[str, Any]) -> str:
+    """The metric's name as a table shows it: an ε-perplexity names its ε, so that runs of
+    different ε never share a row."""
+    if "eps_perplexity" in name and metrics.get("eps_perplexity_epsilon") is not None:
+        return f"{name} (ε={float(metrics['eps_perplexity_epsilon']):g})"
+    return name
 
 
 def with_also_metrics(run: Run, metrics: Mapping[str, Any]) -> list[Run]:
@@ -219,8 +233,9 @@ def with_also_metrics(run: Run, metrics: Mapping[str, Any]) -> list[Run]:
     out = [run]
     for name in table_of(run).also:
         value = metrics.get(name)
-        if isinstance(value, int | float) and math.isfinite(value):
-            out.append(replace(run, metric_name=name, metric_value=float(value)))
+        label = metric_label(name, metrics)
+        if label != run.metric_name and isinstance(value, int | float) and math.isfinite(value):
+            out.append(replace(run, metric_name=label, metric_value=float(value)))
     return out
 
 

@@ -1,5 +1,8 @@
-"""Running the project's Hydra apps as a user does, in subprocesses: to completion, or in the
-background to kill them at a chosen line of their output."""
+"""Running the project's Hydra apps and scripts as a user does, in subprocesses: to completion,
+or in the background to kill them at a chosen line of their output.
+
+No call here has a fixed timeout: how long a run takes depends on the machine's load, and
+pytest-timeout (``timeout`` in pyproject.toml) is the one guard against a hung test."""
 
 from __future__ import annotations
 
@@ -38,27 +41,29 @@ TINY_MT = [
     "train.max_tokens=1024",
     "train.log_interval=4",
     "evaluate.args.beam=2",
-    "+evaluate.args.max_len_b=12",
+    "evaluate.args.max_len_b=12",
 ]
 
 
 def app_env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
+    """The environment of a user's shell, W&B offline (``make`` exports HYDRA_FULL_ERROR=1,
+    which a user does not have: errors are tested as a user sees them)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return dict(env, WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
+
+
+def run(
+    cmd: list[str], env: dict | None = None, cwd: str | Path = REPO_ROOT
+) -> subprocess.CompletedProcess:
+    """``cmd`` to completion, its output captured (pytest-timeout guards the test)."""
+    return subprocess.run(cmd, cwd=cwd, env=env or app_env(), capture_output=True, text=True)
 
 
 def run_app(
-    app: str, overrides: list[str], timeout: int = 900, env: dict | None = None
+    app: str, overrides: list[str], env: dict | None = None, cwd: str | Path = REPO_ROOT
 ) -> subprocess.CompletedProcess:
-    """``python -m experiments.<app> OVERRIDES`` to completion (pytest-timeout guards the
-    test; ``timeout`` only stops a hung child)."""
-    return subprocess.run(
-        [sys.executable, "-m", f"experiments.{app}", *overrides],
-        cwd=REPO_ROOT,
-        env=env or app_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``python -m experiments.<app> OVERRIDES`` to completion."""
+    return run([sys.executable, "-m", f"experiments.{app}", *overrides], env, cwd)
 
 
 class Background:
@@ -88,15 +93,11 @@ class Background:
             self._queue.put(line)
         self._queue.put(None)
 
-    def wait_for(self, text: str, timeout: float = 600) -> str:
+    def wait_for(self, text: str) -> str:
         """The first new output line containing ``text``; AssertionError if the process
-        ends or ``timeout`` passes first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                continue
+        ends first."""
+        while True:
+            line = self._queue.get()
             if line is None:
                 break
             self.lines.append(line)
@@ -119,13 +120,13 @@ class Background:
             os.killpg(self.proc.pid, signal.SIGKILL)
         else:
             self.proc.kill()
-        self.proc.wait(timeout=60)
+        self.proc.wait()
 
-    def finish(self, timeout: float = 900) -> int:
-        code = self.proc.wait(timeout=timeout)
+    def finish(self) -> int:
+        code = self.proc.wait()
         while True:
             try:
-                line = self._queue.get(timeout=5.0)
+                line = self._queue.get(timeout=5.0)  # a lingering grandchild may hold the pipe
             except queue.Empty:
                 break
             if line is None:

@@ -30,9 +30,10 @@ def without_fairseq_schemas():
         repo.update(hidden)
 
 
-def compose(app: str, overrides: list[str]) -> DictConfig:
+def compose(app: str, overrides: list[str], hydra: bool = False) -> DictConfig:
     """The app's composed config (``language_model``, ``translation``, ...), as the app sees
-    it; Hydra's process-wide version base is left as it was (fairseq needs its own)."""
+    it (``hydra``: with Hydra's own node, e.g. its group choices); Hydra's process-wide
+    version base is left as it was (fairseq needs its own)."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.version import VersionBase
 
@@ -43,7 +44,7 @@ def compose(app: str, overrides: list[str]) -> DictConfig:
             without_fairseq_schemas(),
             initialize_config_dir(config_dir=CONFIGS, version_base="1.3"),
         ):
-            return hydra_compose(config_name=app, overrides=overrides, return_hydra_config=False)
+            return hydra_compose(config_name=app, overrides=overrides, return_hydra_config=hydra)
     finally:
         version.version_base = saved
         GlobalHydra.instance().clear()

@@ -116,7 +116,6 @@ def test_benchmark_app_writes_report_and_results(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "results" / "speed_cpu.md").read_text()

@@ -615,3 +615,25 @@ def test_beamable_encoder_attention_matches_per_beam_copies():
     # the next step reads the cache
     out2, _ = attn(query, None, None, key_padding_mask=pad, static_kv=True, incremental_state=state)
     torch.testing.assert_close(out2, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_every_layer_gets_the_same_keep_mask_for_one_padding_mask():
+    """Masks derived downstream (flex's block mask) are cached on the mask tensor: every
+    attention layer must see the same keep mask for fairseq's one key_padding_mask."""
+    from multimax import build_normalizer
+    from multimax.integrations.fairseq_plugin.attention import MultimaxMultiheadAttention
+
+    layers = [
+        MultimaxMultiheadAttention(
+            8, 2, normalizer=build_normalizer("multimax"), self_attention=True
+        )
+        for _ in range(2)
+    ]
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    first, _ = layers[0]._attention_mask(pad, None, torch.float32)
+    second, _ = layers[1]._attention_mask(pad, None, torch.float32)
+    assert first is second
+    torch.testing.assert_close(first, ~pad[:, None, None, :])
+    pad[0, 1] = True  # changed in place: a new mask
+    third, _ = layers[0]._attention_mask(pad, None, torch.float32)
+    assert third is not first and not bool(third[0, 0, 0, 1])

@@ -43,9 +43,7 @@ def fairseq(command: str, *args: str, cwd: Path) -> str:
     module = command.removeprefix("fairseq-").replace("-", "_")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", f"fairseq_cli.{module}"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{command} failed:\n{output[-4000:]}"
     return output
@@ -74,18 +72,24 @@ def preprocess(root: Path, *args: str) -> None:
     fairseq_preprocess.main(parser.parse_args(["--workers", "1", *args]))
 
 
+def lm_data_bin(root: Path) -> Path:
+    """The tiny corpus, binarised for language modelling in ``root/lm-bin``."""
+    write_corpus(root)
+    preprocess(
+        root, "--only-source", "--trainpref", str(root / "train.txt"),
+        "--validpref", str(root / "valid.txt"), "--testpref", str(root / "test.txt"),
+        "--destdir", str(root / "lm-bin"),
+    )  # fmt: skip
+    return root / "lm-bin"
+
+
 def normalizer_tensors(path: Path) -> dict[str, torch.Tensor]:
     state = plugin.load_fairseq_checkpoint(str(path))
     return {k: v for k, v in state["model"].items() if "normalizer" in k}
 
 
 def test_lm_train_multimax_then_eval_lm(tmp_path):
-    write_corpus(tmp_path)
-    preprocess(
-        tmp_path, "--only-source", "--trainpref", str(tmp_path / "train.txt"),
-        "--validpref", str(tmp_path / "valid.txt"), "--testpref", str(tmp_path / "test.txt"),
-        "--destdir", str(tmp_path / "lm-bin"),
-    )  # fmt: skip
+    lm_data_bin(tmp_path)
     log = fairseq(
         "fairseq-train", "lm-bin", "--user-dir", USER_DIR, "--task", "language_modeling",
         "--arch", "multimax_transformer_lm", *TINY_LM,
@@ -155,7 +159,7 @@ def score_lm(*args: str, cwd: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.fairseq_worker", "score_lm", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = dict(r for line in proc.stdout.splitlines() if (r := parse_report(line)))
@@ -167,12 +171,7 @@ def test_test_scoring_counts_every_token_where_fairseq_eval_lm_skips_zeros(tmp_p
     perplexity. For a sparse output, fairseq-eval-lm silently drops the tokens of
     probability 0 and prints a finite perplexity; the scoring counts them, reports no
     perplexity and the ε-perplexity instead."""
-    write_corpus(tmp_path)
-    preprocess(
-        tmp_path, "--only-source", "--trainpref", str(tmp_path / "train.txt"),
-        "--validpref", str(tmp_path / "valid.txt"), "--testpref", str(tmp_path / "test.txt"),
-        "--destdir", str(tmp_path / "lm-bin"),
-    )  # fmt: skip
+    lm_data_bin(tmp_path)
     eval_args = ["--user-dir", USER_DIR, "--tokens-per-sample", "32", "--batch-size", "8",
                  "--cpu", "--num-workers", "0", "--context-window", "8"]  # fmt: skip
     for output in ("multimax", "sparsemax"):

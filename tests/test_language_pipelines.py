@@ -109,9 +109,9 @@ def test_paper_recipes_are_fairseqs():
     gen = fairseq_run.generate_args(mt, Path("/c.pt"), Path("/r"), cuda=True)
     assert "--beam 5" in " ".join(gen) and "--remove-bpe" in gen
 
-    wmt = compose("translation", ["experiment=mt_wmt14_ende", "train.precision=bf16"])
+    wmt = compose("translation", ["experiment=mt_wmt14_ende", "train.precision=amp"])
     args = fairseq_run.train_args(wmt, Path("/s"), cuda=True)
-    assert "--share-all-embeddings" in args and "--bf16" in args
+    assert "--share-all-embeddings" in args and "--amp" in args
     assert "--lenpen 0.6" in " ".join(fairseq_run.generate_args(wmt, Path("/c"), Path("/r")))
 
 
@@ -135,21 +135,26 @@ def test_output_normalizer_override_and_stock_arch():
 
 def test_distributed_flags_follow_the_environment():
     cfg = compose("language_model", [])
-    assert fairseq_run.distributed_flags(cfg, {}) == []
-    torchrun = {"WORLD_SIZE": "8", "RANK": "3", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
-    assert fairseq_run.distributed_flags(cfg, torchrun) == []  # fairseq reads torchrun's env
+    assert fairseq_run.distributed_flags(cfg, {}, cuda=True) == []
+    torchrun = {"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3", "MASTER_ADDR": "h",
+                "MASTER_PORT": "1"}  # fmt: skip
+    # each rank joins torchrun's group itself (fairseq's own detection divides by #GPUs)
+    assert fairseq_run.distributed_flags(cfg, torchrun, cuda=True) == [
+        "--distributed-world-size", "8", "--distributed-rank", "3", "--device-id", "3",
+        "--distributed-init-method", "env://", "--distributed-no-spawn",
+    ]  # fmt: skip
+    cpu = fairseq_run.distributed_flags(cfg, torchrun, cuda=False)
+    assert cpu[-4:] == ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
     slurm = {"SLURM_NNODES": "4", "SLURM_JOB_ID": "7"}
-    assert fairseq_run.distributed_flags(cfg, slurm) == ["--distributed-port", "12355"]
+    assert fairseq_run.distributed_flags(cfg, slurm, cuda=True) == ["--distributed-port", "12355"]
     fixed = compose("language_model", ["distributed.world_size=2"])
-    assert fairseq_run.distributed_flags(fixed, {}) == ["--distributed-world-size", "2"]
-    env = {"WORLD_SIZE": "2", "RANK": "0", "PATH": os.environ["PATH"]}
+    assert fairseq_run.distributed_flags(fixed, {}, cuda=True) == ["--distributed-world-size", "2"]
     os.environ.update({"MASTER_PORT": "1"})
     try:
         assert "MASTER_PORT" not in fairseq_run.child_env(distributed=False)
         assert "MASTER_PORT" in fairseq_run.child_env(distributed=True)
     finally:
         os.environ.pop("MASTER_PORT")
-    del env
 
 
 # --- parsing fairseq's output ---------------------------------------------------------------------
@@ -171,20 +176,53 @@ def test_parse_fairseq_log_lines():
     v = fairseq_run.parse_train_line(valid)
     assert v["valid_loss"] == 7.582 and v["valid_ppl"] == 191.58 and v["valid_num_updates"] == 20
     assert fairseq_run.parse_train_line("| INFO | fairseq.trainer | begin training") is None
-    ev = fairseq_run.parse_eval_lm(
-        [
-            "... | Evaluated 245,569 tokens in 56.1s (4379.02 tokens/s)",
-            "... | Loss (base 2): 4.9137, Perplexity: 30.15",
-        ]
+    sparse = (
+        "2026-12-01 10:23:24 | INFO | valid | epoch 002 | valid on 'valid' subset | loss 4.942 "
+        "| nll_loss inf | eps_nll_loss 5.1 | zero_prob 0.0312 | ppl inf | eps_ppl 34.3 | wps 0"
     )
-    assert ev == {
-        "eval_tokens": 245569.0,
-        "eval_tokens_per_s": 4379.02,
-        "test_loss_base2": 4.9137,
-        "test_perplexity": 30.15,
-    }
-    with pytest.raises(RuntimeError):
-        fairseq_run.parse_eval_lm(["nothing"])
+    v = fairseq_run.parse_train_line(sparse)
+    assert v["valid_ppl"] == float("inf") and v["valid_eps_ppl"] == 34.3
+    assert v["valid_zero_prob"] == 0.0312
+    test = "2026-12-01 | INFO | test | valid on 'test' subset | loss 4.9 | ppl 27.58 | eps_ppl 27.6"
+    assert fairseq_run.parse_validate(["x", test], "test") == {
+        "test_loss": 4.9, "test_ppl": 27.58, "test_eps_ppl": 27.6
+    }  # fmt: skip
+    with pytest.raises(RuntimeError, match="no summary"):
+        fairseq_run.parse_validate(["nothing"], "test")
+
+
+def test_lm_scores_from_the_scoring_report():
+    """Every token counted: with zero-probability tokens the perplexity is null with the
+    reason, the ε-perplexity and the zero share are the numbers."""
+    report = {"tokens": 8, "zero_prob_tokens": 0, "loss_base2": 2.0, "eps_loss_base2": 2.001,
+              "epsilon": 1e-6, "vocab": 40, "seconds": 0.5}  # fmt: skip
+    scores, reasons = fairseq_run.lm_scores(report)
+    assert scores["test_perplexity"] == 4.0 and scores["test_zero_prob_share"] == 0.0
+    assert scores["eval_tokens_per_s"] == 16.0 and reasons == {}
+    scores, reasons = fairseq_run.lm_scores({**report, "zero_prob_tokens": 2, "loss_base2": None})
+    assert scores["test_perplexity"] is None and scores["test_zero_prob_share"] == 0.25
+    assert scores["test_eps_perplexity"] == pytest.approx(2**2.001)
+    assert "2 of 8 test tokens got probability exactly 0" in reasons["test_perplexity"]
+
+
+def test_headline_metric_is_eps_perplexity_for_outputs_that_give_zeros():
+    for name, expected in [("softmax", "test_perplexity"), ("multimax", "test_perplexity"),
+                           ("sparsemax", "test_eps_perplexity"),
+                           ("entmax15", "test_eps_perplexity"),
+                           ("evsoftmax", "test_eps_perplexity")]:  # fmt: skip
+        cfg = compose("language_model", [f"normalizer={name}"])
+        assert fairseq_run.headline_metric(cfg) == expected, name
+    mt = compose("translation", ["normalizer=sparsemax"])
+    assert fairseq_run.headline_metric(mt) == "sacrebleu"
+
+
+def test_bf16_is_refused_on_gpus_with_the_reason():
+    from experiments.runtime import RunStop
+
+    with pytest.raises(RunStop, match="TPUs"):
+        fairseq_run.precision_flags("bf16", cuda=True)
+    assert fairseq_run.precision_flags("bf16", cuda=False) == []
+    assert fairseq_run.precision_flags("amp", cuda=True) == ["--amp"]
 
 
 def test_translation_scores(tmp_path):
@@ -275,7 +313,6 @@ def test_lm_paper_dry_run_without_data(tmp_path):
         "language_model",
         ["experiment=lm_wikitext103", "dry_run=true", "logger=none", f"data.root={tmp_path}",
          f"hydra.run.dir={tmp_path / 'run'}"],
-        timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "full schedule:     50,000 steps" in proc.stdout
@@ -286,7 +323,6 @@ def test_missing_real_corpus_is_a_clear_error(tmp_path):
         "language_model",
         ["experiment=lm_wikitext103", "logger=none", f"data.root={tmp_path}",
          f"hydra.run.dir={tmp_path / 'run'}"],
-        timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0
     assert "python -m scripts.prepare_wikitext103" in proc.stdout + proc.stderr

@@ -203,3 +203,37 @@ def test_cli_as_a_file(multirun: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "4 runs -> 1 tables, 2 rows" in proc.stdout
     assert (out / "imagenet_top1.md").exists() and (out / "tables.md").exists()
+
+
+def test_language_model_table_compares_eps_perplexity_where_outputs_give_zeros(tmp_path):
+    """A sparse output's headline is its ε-perplexity (its perplexity is null: some tokens
+    got probability 0); every LM run also gets ε-perplexity and zero-share rows, so the
+    sparse row has a softmax row of the same metric (and ε) to be compared with."""
+    lm = dict(task="language_model", dataset="wikitext103", model="transformer_lm")
+    eps = {"eps_perplexity_epsilon": 1e-6}
+    _run(tmp_path, "soft", "softmax", 0, 20.0, **lm, metric_name="test_perplexity",
+         metrics={"test_perplexity": 20.0, "test_eps_perplexity": 20.01,
+                  "test_zero_prob_share": 0.0, **eps})  # fmt: skip
+    _run(tmp_path, "sparse", "sparsemax", 0, 25.0, **lm, metric_name="test_eps_perplexity",
+         metrics={"test_perplexity": float("inf"), "test_eps_perplexity": 25.0,
+                  "test_zero_prob_share": 0.125, **eps},
+         null_reasons={"test_perplexity": "p = 0 for 1 of 8 tokens"})  # fmt: skip
+    data = json.loads((tmp_path / "sparse" / "results.json").read_text())
+    assert data["metrics"]["test_perplexity"] is None  # strict JSON: null, with its reason
+    assert data["null_reasons"] == {"test_perplexity": "p = 0 for 1 of 8 tokens"}
+    out = tmp_path / "tables"
+    mt.make_tables([tmp_path], out)
+    with (out / "wikitext103_ppl.csv").open() as f:
+        rows = {(r["normalizer"], r["metric_name"]): r for r in csv.DictReader(f)}
+    eps_name = "test_eps_perplexity (ε=1e-06)"
+    assert set(rows) == {("softmax", "test_perplexity"), ("softmax", eps_name),
+                         ("sparsemax", eps_name), ("softmax", "test_zero_prob_share"),
+                         ("sparsemax", "test_zero_prob_share")}  # fmt: skip
+    assert float(rows[("sparsemax", eps_name)]["delta_vs_softmax"]) == pytest.approx(4.99)
+    assert float(rows[("sparsemax", "test_zero_prob_share")]["mean"]) == 0.125
+
+
+def test_null_headline_metric_is_skipped_with_its_reason(tmp_path):
+    _run(tmp_path, "dead", "softmax", 0, float("nan"), null_reasons={"metric_value": "diverged"})
+    runs, problems = mt.load_runs([tmp_path])
+    assert runs == [] and len(problems) == 1 and "metric_value is null (diverged)" in problems[0]

@@ -242,3 +242,17 @@ def test_tiny_multirun_writes_results_and_report(tmp_path: Path) -> None:
     summary = (out / "summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 2  # header + one row per normaliser (one m)
     assert all(row.split(",")[3] == "0" for row in summary[1:])  # seeds
+
+
+def test_rerun_of_a_finished_run_changes_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "experiments.mechanism", "experiment=mechanism_retrieval",
+               "profile=smoke", "logger=none", "normalizer=softmax", "train.steps=20",
+               "train.log_every=10", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "holds a finished run" in again.stdout
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files

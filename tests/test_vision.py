@@ -145,6 +145,45 @@ def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(uninterrupted, t
     )
 
 
+def test_rerun_of_a_finished_run_changes_nothing(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    run_dir, expected = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    files = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    again = train(cfg_for(*SHORT, "normalizer=multimax"), copy)
+    assert "holds a finished run" in capsys.readouterr().out
+    assert again.metric_value == expected.metric_value and again.steps == expected.steps
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == files
+
+
+def test_wall_seconds_add_up_across_resumes(tmp_path):
+    cfg = cfg_for(*SHORT, "normalizer=softmax", "trainer.stop_after_steps=15")
+    assert train(cfg, tmp_path) is None
+    first = json.loads((tmp_path / runtime.CLOCK_FILE).read_text())["seconds"]
+    assert first > 0
+    resumed = train(cfg, tmp_path)
+    assert resumed.wall_seconds > first  # the first segment counted, not just the last
+    assert json.loads((tmp_path / "results.json").read_text())["wall_seconds"] > first
+
+
+def test_unreadable_checkpoints_start_over_with_a_line_and_a_clean_curve(tmp_path, capsys):
+    cfg = cfg_for(*SHORT, "normalizer=softmax", "trainer.stop_after_steps=10")
+    assert train(cfg, tmp_path) is None
+    for name in (runtime.CHECKPOINT_LAST, runtime.CHECKPOINT_PREVIOUS):
+        if (tmp_path / name).exists():
+            (tmp_path / name).write_bytes(b"garbage")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert train(cfg, tmp_path) is None
+    assert "no readable checkpoint" in capsys.readouterr().out
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / runtime.METRICS_LOG).read_text().splitlines()
+    ]
+    assert steps.count(5) == 1  # the curve of the abandoned start is gone
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = cfg_for(*SHORT, "trainer.checkpoint_every_steps=2", "trainer.inject_nan_at_step=3")
     with pytest.raises(NonFiniteLoss, match="at step 3"):
@@ -213,7 +252,7 @@ def test_two_torchrun_processes_train_as_one_with_the_same_global_batch(tmp_path
         f"hydra.run.dir={tmp_path / 'two'}",
     ]
     for cmd, processes in ((one, 1), (two, 2)):
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert f"{processes} process(es)" in done.stdout
     single, parallel = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -279,8 +318,74 @@ def test_full_smoke_profile_learns_the_digits_within_five_minutes(normalizer, tm
         f"hydra.run.dir={tmp_path}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["metric_value"] > 60  # chance: 10 %
     assert "train img/s" in done.stdout and "attention path:" in done.stdout
+
+
+# --- data errors name the file and the fix (issue 12, point 7) ---------------------------------
+
+
+def test_a_data_root_holding_other_files_is_refused_and_left_alone(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("not an image tree\n")
+    with pytest.raises(DataLayoutError, match=r"notes\.txt.*a missing or empty folder"):
+        ensure_data(cfg_for("profile=smoke", f"data.root={root}"))
+    assert [p.name for p in root.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no temp tree left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ensure_data(cfg_for("profile=smoke", f"data.root={empty}")) == empty
+    assert (empty / "train").is_dir()
+
+
+@pytest.fixture
+def damaged_digits(tmp_path):
+    """A digits tree with one PNG cut short (it still opens) and one that is not an image."""
+    from experiments.data.digits import write_digits
+
+    root = write_digits(tmp_path / "digits")
+    files = sorted((root / "train").glob("*/*.png"))
+    cut, junk = files[5], files[700]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    junk.write_bytes(b"not an image")
+    return root, cut, junk
+
+
+def test_unreadable_images_are_named_once_and_refused_or_left_out(damaged_digits, monkeypatch):
+    from experiments import vision_data
+    from experiments.vision_data import BadImagesError, build_datasets
+
+    root, cut, junk = damaged_digits
+    with pytest.raises(BadImagesError) as refused:
+        build_datasets(cfg_for("profile=smoke", f"data.root={root}"))
+    message = str(refused.value)
+    assert f"2 image(s) of {root / 'train'} cannot be read" in message
+    assert f"{cut} (Truncated File Read)" in message and f"{junk} (cannot identify" in message
+    assert "data.bad_images=skip" in message and "\n" not in message
+
+    def no_second_look(path):
+        raise AssertionError(f"{path} checked again")
+
+    monkeypatch.setattr(vision_data, "image_problem", no_second_look)  # the check is remembered
+    train, val = build_datasets(
+        cfg_for("profile=smoke", f"data.root={root}", "data.bad_images=skip")
+    )
+    assert (len(train), len(val)) == (1437 - 2, 360)
+    assert str(cut) not in {str(p) for p, _ in train.reader.samples}
+
+
+def test_the_app_stops_in_one_line_on_unreadable_images(damaged_digits, tmp_path):
+    from apps import run_app
+
+    root, cut, _ = damaged_digits
+    run_dir = tmp_path / "run"
+    proc = run_app("vision", ["profile=smoke", "logger=none", f"data.root={root}",
+                              f"hydra.run.dir={run_dir}"])  # fmt: skip
+    assert proc.returncode == runtime.USAGE_EXIT_CODE
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ERROR: 2 image(s)") and str(cut) in lines[0]
+    assert not run_dir.exists()  # Hydra's .hydra/ of the refused run is gone too

@@ -39,6 +39,12 @@ def write_digits(root: str | Path = "data/digits") -> Path:
     root = Path(root)
     if digits_tree_complete(root):
         return root
+    if root.is_dir() and any(root.iterdir()):  # someone else's files: never replaced
+        found = ", ".join(sorted(p.name for p in root.iterdir())[:5])
+        raise FileExistsError(
+            f"{root} holds files but no finished digits tree (no {COMPLETE_MARKER} marker; "
+            f"found: {found}); give a missing or empty folder, where the digits are written"
+        )
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     index = np.arange(len(pixels))
@@ -54,6 +60,8 @@ def write_digits(root: str | Path = "data/digits") -> Path:
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels[i]).save(folder / f"{i:04d}.png")
         (tmp / COMPLETE_MARKER).write_text(f"{len(train_idx)} train, {len(val_idx)} val\n")
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # an empty folder given as the root: the rename needs it gone
         try:
             os.replace(tmp, root)  # atomic; fails if another process got there first
         except OSError:
@@ -68,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="data/digits", help="where the tree goes")
     args = parser.parse_args(argv)
-    root = write_digits(args.root)
+    try:
+        root = write_digits(args.root)
+    except FileExistsError as err:
+        raise SystemExit(f"ERROR: {err}") from None
     print(
         f"digits image-folder tree ready at {root} ({(root / COMPLETE_MARKER).read_text().strip()})"
     )

@@ -33,6 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.data import translation_text as tt
+from experiments.runtime import RunStop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs" / "data"
@@ -40,7 +41,7 @@ PREPARED_FILE = "PREPARED.json"
 SPLITS = ("train", "valid", "test")
 
 
-class MissingCorpusError(FileNotFoundError):
+class MissingCorpusError(RunStop, FileNotFoundError):
     """The prepared data is not there; the message names the command that prepares it."""
 
 
@@ -88,9 +89,9 @@ def require_prepared(cfg: DictConfig) -> Path:
     if is_prepared(cfg):
         return Path(cfg.dir)
     raise MissingCorpusError(
-        f"prepared data for '{cfg.name}' not found in {cfg.dir} (or built from other settings).\n"
-        f"Prepare it with:  {cfg.prepare_command} root={cfg.root}\n"
-        "(from the Hugging Face hub when online, or add corpus.local_path=/path/to/a/local/copy)"
+        f"prepared data for '{cfg.name}' not found in {cfg.dir} (or built from other settings); "
+        f"prepare it with: {cfg.prepare_command} root={cfg.root} (from the Hugging Face hub "
+        "when online, or add corpus.local_path=/path/to/a/local/copy)"
     )
 
 

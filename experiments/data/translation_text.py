@@ -17,7 +17,9 @@ done by sacremoses (the Python port of the Moses scripts) or subword-nmt's Pytho
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -140,12 +142,15 @@ def clean_corpus(
 def learn_bpe(train_text: str | Path, codes: str | Path, num_symbols: int, workers: int = 1):
     """``learn_bpe.py -s NUM_SYMBOLS < TRAIN > CODES`` (min frequency 2, subword-nmt's
     defaults); ``workers`` count the vocabulary in parallel (its ``--num-workers``).
-    subword-nmt shows its own progress bar over the merges."""
+    subword-nmt's own progress bar over the merges shows only with ``verbose=true``."""
     from subword_nmt.learn_bpe import learn_bpe as subword_learn_bpe
+
+    from experiments.runtime import verbose
 
     with (
         open(train_text, encoding="utf-8") as infile,
         open(codes, "w", encoding="utf-8") as outfile,
+        contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO()),
     ):
         subword_learn_bpe(infile, outfile, int(num_symbols), num_workers=max(1, int(workers)))
 

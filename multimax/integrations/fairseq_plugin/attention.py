@@ -18,10 +18,12 @@ from torch import Tensor, nn
 
 import multimax
 from multimax import Normalizer
+from multimax.fused import TensorCache
 
 from .optim import exempt_from_weight_decay
 
 IncrementalState = dict[str, dict[str, Tensor | None]]
+_KEEP_MASKS = TensorCache(8)
 
 
 def name_dropout_after(module: nn.Module, stock: type[nn.Module]) -> None:
@@ -96,7 +98,11 @@ class MultimaxMultiheadAttention(MultiheadAttention):
         True = keep, or an additive float mask when ``attn_mask`` is a general additive one."""
         keep = None
         if key_padding_mask is not None:
-            keep = ~key_padding_mask.to(torch.bool)[:, None, None, :]
+            # one keep mask per padding mask, shared by every layer that gets it, so that
+            # masks derived from it downstream (flex's block mask) are built once per batch
+            keep = _KEEP_MASKS.get(
+                [key_padding_mask], (), lambda: ~key_padding_mask.to(torch.bool)[:, None, None, :]
+            )
         if attn_mask is None:
             return keep, False
         if self._is_future_mask(attn_mask):

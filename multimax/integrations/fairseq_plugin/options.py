@@ -2,7 +2,7 @@
 
     --attn-normalizer NAME     every self-, causal and encoder-decoder attention (default softmax)
     --output-normalizer NAME   the vocabulary distribution (default softmax)
-    --multimax-order K         MultiMax's order, 1 or 2 (default 2)
+    --multimax-order K         MultiMax's order, any K >= 1 (default 2)
     --softmax-temperature T    softmax(x / T) (default 1)
     --learn-temperature        learn T (stored as log T), one per softmax instance
     --attention-impl IMPL      ``auto`` or a name in ``multimax.ATTENTION_PATHS`` (default auto)
@@ -45,7 +45,7 @@ class MultimaxConfig(FairseqDataclass):
         default="softmax",
         metadata={"help": "normaliser of the vocabulary logits (multimax.NORMALIZERS name)"},
     )
-    multimax_order: int = field(default=2, metadata={"help": "MultiMax order K (1 or 2)"})
+    multimax_order: int = field(default=2, metadata={"help": "MultiMax order K (any K >= 1)"})
     softmax_temperature: float = field(
         default=1.0, metadata={"help": "softmax temperature T: softmax(x / T)"}
     )
