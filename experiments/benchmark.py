@@ -21,6 +21,7 @@ import importlib
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -107,7 +108,8 @@ class Row:
 
 
 def measure(rows: list[Row], warmup: int, repeats: int, device: torch.device, label: str) -> None:
-    """Interleaved timing (warm-up, then ``repeats`` rounds over all rows), then peak memory."""
+    """Interleaved timing (warm-up, then ``repeats`` rounds over all rows, each round in its
+    own shuffled order), then peak memory."""
     start = time.perf_counter()
     jobs = [(row, what) for row in rows for what in ("fwd", "fwd_bwd") if getattr(row, what)]
     for _ in range(warmup):
@@ -116,7 +118,10 @@ def measure(rows: list[Row], warmup: int, repeats: int, device: torch.device, la
     print(f"[benchmark] {label}: warm-up done in {time.perf_counter() - start:.0f}s")
     start = time.perf_counter()
     for rep in range(repeats):
-        for row, what in jobs:
+        # Each round in its own (seeded) order: a row that always ran after the same
+        # neighbour would carry that neighbour's allocations and cache footprint every round.
+        order = random.Random(rep).sample(jobs, len(jobs))
+        for row, what in order:
             _sync(device)
             t0 = time.perf_counter()
             getattr(row, what)()
