@@ -705,7 +705,7 @@ def write_report(cfg, device, sections, notes, loads, seconds) -> Path:
     lines += machine_lines(device)
     lines += [
         load_line(loads),
-        f"- command: `python -m experiments.benchmark {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- command: `{' '.join(['python -m experiments.benchmark', *sys.argv[1:]])}`",
         f"- interleaved rounds: {rounds}, after {cfg.warmup} warm-up runs "
         f"({cfg.output_layer.warmup} for the output layer); compile policy "
         f"`{cfg.compile_policy}`; σ parameters ~ N(0, {cfg.sigma_std}²); {seconds:.0f} s in all",
