@@ -39,8 +39,9 @@ from .normalizers import Normalizer
 CHUNK_ELEMENTS = 1 << 21
 
 
-def _ce_forward_kernel(sigma, z, target, smoothing, params):
-    x = upcast(z)
+def sigma_ce_terms(sigma, x, target, smoothing, params):
+    """Per row of logits x (C, V), already in float32 or float64: h = σ(x), the log-sum-exp
+    of h as (m, log s), h_t = σ(x_t) and the smoothed loss, each (C, 1) but h."""
     h = sigma.forward(x, *params)
     m = h.amax(-1, keepdim=True)
     log_s = torch.log(torch.exp(h - m).sum(-1, keepdim=True))
@@ -48,28 +49,35 @@ def _ce_forward_kernel(sigma, z, target, smoothing, params):
     # vectorisation in the compiled kernel (several times slower on the CPU).
     h_t = sigma.forward(x.gather(-1, target.unsqueeze(-1)), *params)
     loss = (m - (1.0 - smoothing) * h_t - smoothing * h.mean(-1, keepdim=True)) + log_s
+    return h, m, log_s, h_t, loss
+
+
+def softmax_minus_target(h, m, log_s, target, smoothing):
+    """p − q, p = softmax(h) from its log-sum-exp (m, log s), q = (1 − ε)·onehot(t) + ε/V.
+
+    In one expression: at a confident target p_t − 1 is exact in floating point (Sterbenz),
+    where adding the two parts computed apart cancels catastrophically. The one-hot is a
+    comparison with the column index, not a gather or scatter, so the compiled loop stays
+    vectorised."""
+    vocab = h.shape[-1]
+    is_target = torch.arange(vocab, device=h.device) == target.unsqueeze(-1)
+    q = torch.where(is_target, 1.0 - smoothing + smoothing / vocab, smoothing / vocab)
+    return torch.exp((h - m) - log_s) - q
+
+
+def _ce_forward_kernel(sigma, z, target, smoothing, params):
+    _, m, log_s, _, loss = sigma_ce_terms(sigma, upcast(z), target, smoothing, params)
     # logsumexp kept as (m, log s), not m + log s: rounding their sum would cost
     # p_t = exp(h_t − m − log s) the accuracy that 1 − p_t needs at a confident target.
     return loss.squeeze(-1), torch.cat([m, log_s], dim=-1)
 
 
 def _ce_backward_kernel(sigma, z, target, stats, grad, smoothing, params):
-    """(dz, dθ) of one chunk, in float32 (float64 stays float64).
-
-    dh = g·(p − q) with q = (1 − ε)·onehot(t) + ε/V, formed in one expression: at a confident
-    target p_t − 1 is exact in floating point (Sterbenz), where adding g·p_t·σ' and −g·σ'
-    computed apart cancels catastrophically. The one-hot is a comparison with the column
-    index, not a gather or scatter, so the compiled loop stays vectorised; the caller rounds
-    dz to the logits' dtype once.
-    """
+    """(dz, dθ) of one chunk, in float32 (float64 stays float64): dh = g·(p − q)
+    (:func:`softmax_minus_target`); the caller rounds dz to the logits' dtype once."""
     x = upcast(z)
     h = sigma.forward(x, *params)
-    vocab = h.shape[-1]
-    columns = torch.arange(vocab, device=h.device)
-    is_target = columns == target.unsqueeze(-1)
-    q = torch.where(is_target, 1.0 - smoothing + smoothing / vocab, smoothing / vocab)
-    p = torch.exp((h - stats[:, :1]) - stats[:, 1:])
-    dh = grad.unsqueeze(-1) * (p - q)
+    dh = grad.unsqueeze(-1) * softmax_minus_target(h, stats[:, :1], stats[:, 1:], target, smoothing)
     return sigma.backward(x, dh, *params)
 
 

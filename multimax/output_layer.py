@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .chunked_loss import sigma_ce_terms, softmax_minus_target
 from .fused import (
     PointwiseSigma,
     autocast_disabled,
@@ -51,39 +52,19 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def _loss_kernel(sigma, z, target, smoothing, params):
     """(smoothed loss, −log p(target)) per token of one chunk of logits z (C, V)."""
-    x = upcast(z)
-    h = sigma.forward(x, *params)
-    m = h.amax(-1, keepdim=True)
-    log_s = torch.log(torch.exp(h - m).sum(-1, keepdim=True))
-    # σ of the gathered logit, not a gather of σ: a gather from a fused σ defeats
-    # vectorisation in the compiled kernel (several times slower on the CPU).
-    h_t = sigma.forward(x.gather(-1, target.unsqueeze(-1)), *params)
-    nll = (m - h_t) + log_s
-    loss = (m - (1.0 - smoothing) * h_t - smoothing * h.mean(-1, keepdim=True)) + log_s
-    return loss.squeeze(-1), nll.squeeze(-1)
+    _, m, log_s, h_t, loss = sigma_ce_terms(sigma, upcast(z), target, smoothing, params)
+    return loss.squeeze(-1), ((m - h_t) + log_s).squeeze(-1)
 
 
 def _loss_and_grad_kernel(sigma, z, target, weight, smoothing, params):
     """(loss, −log p(target), g in z's dtype, dθ) of one chunk, where each token's gradient is
-    scaled by ``weight`` (C,): 1, 1/n or the incoming gradient, 0 where ignored.
-
-    g·(p − q) is formed in one expression: at a confident target p_t − 1 is exact in
-    floating point, where adding the two parts computed apart cancels catastrophically. The
-    one-hot is a comparison with the column index, not a scatter, so the loop stays
-    vectorised. The log-sum-exp is kept as (m, log s), not m + log s, for the same reason."""
+    scaled by ``weight`` (C,): 1, 1/n or the incoming gradient, 0 where ignored; g·(p − q)
+    in one expression (:func:`multimax.chunked_loss.softmax_minus_target`)."""
     x = upcast(z)
-    h = sigma.forward(x, *params)
-    vocab = h.shape[-1]
-    m = h.amax(-1, keepdim=True)
-    log_s = torch.log(torch.exp(h - m).sum(-1, keepdim=True))
-    h_t = sigma.forward(x.gather(-1, target.unsqueeze(-1)), *params)
-    nll = (m - h_t) + log_s
-    loss = (m - (1.0 - smoothing) * h_t - smoothing * h.mean(-1, keepdim=True)) + log_s
-    is_target = torch.arange(vocab, device=h.device) == target.unsqueeze(-1)
-    q = torch.where(is_target, 1.0 - smoothing + smoothing / vocab, smoothing / vocab)
-    p = torch.exp((h - m) - log_s)
-    dx, dparams = sigma.backward(x, weight.unsqueeze(-1) * (p - q), *params)
-    return loss.squeeze(-1), nll.squeeze(-1), dx.to(z.dtype), dparams
+    h, m, log_s, h_t, loss = sigma_ce_terms(sigma, x, target, smoothing, params)
+    dh = weight.unsqueeze(-1) * softmax_minus_target(h, m, log_s, target, smoothing)
+    dx, dparams = sigma.backward(x, dh, *params)
+    return loss.squeeze(-1), ((m - h_t) + log_s).squeeze(-1), dx.to(z.dtype), dparams
 
 
 def _plain_losses(sigma, x, weight, bias, target, smoothing, params):

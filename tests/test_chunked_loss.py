@@ -3,30 +3,12 @@ and keeps no (T, V) tensor besides the logits."""
 
 import pytest
 import torch
+from pointwise_normalizers import NORMALIZERS
 
 from multimax import build_normalizer
 from multimax.chunked_loss import sigma_cross_entropy
 from multimax.fused import set_compile_policy
 from multimax.losses import NormalizerLoss
-
-
-def strong(name, **options):
-    n = build_normalizer(name, **options)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in n.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return n
-
-
-NORMALIZERS = {
-    "multimax2": lambda: strong("multimax", order=2),
-    "multimax1": lambda: strong("multimax", order=1),
-    "multimax3": lambda: strong("multimax", order=3),
-    "multimax_v2": lambda: strong("multimax_v2"),
-    "softmax_T0.7": lambda: build_normalizer("softmax", temperature=0.7),
-    "softmax_learned": lambda: strong("softmax", learn_temperature=True),
-}
 
 
 def data(tokens=(3, 7), vocab=50, seed=0):
