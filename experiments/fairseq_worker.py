@@ -199,6 +199,7 @@ def dry_run(argv: list[str]) -> None:
     from fairseq import options, tasks
     from fairseq.data import Dictionary
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.tasks.language_modeling import LanguageModelingTask
     from fairseq.trainer import Trainer
 
     extra = json.loads(os.environ.get("MULTIMAX_DRY_RUN", "{}"))
@@ -220,9 +221,10 @@ def dry_run(argv: list[str]) -> None:
             d.add_symbol(f"tok{i}")
         return d
 
-    is_lm = cfg.task._name == "language_modeling"
+    task_cls = tasks.TASK_REGISTRY[cfg.task._name]
+    # fairseq's task or the plugin's subclass of it (multimax_language_modeling)
+    is_lm = issubclass(task_cls, LanguageModelingTask)
     if vocab:
-        task_cls = tasks.TASK_REGISTRY[cfg.task._name]
         if is_lm:
             d = dictionary(int(vocab["size"]))
             task = task_cls(cfg.task, d, d)

@@ -307,8 +307,9 @@ def test_mt_paper_dry_run_without_data(tmp_path):
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-@pytest.mark.slow
 def test_lm_paper_dry_run_without_data(tmp_path):
+    """The recipe's own task (multimax_language_modeling) and 267,744-word output: about 30 s,
+    in the default run because the README's dry-run command depends on it."""
     proc = run_app(
         "language_model",
         ["experiment=lm_wikitext103", "dry_run=true", "logger=none", f"data.root={tmp_path}",
