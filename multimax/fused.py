@@ -648,22 +648,10 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, *params):
-        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-        out = _row_buffer(v, (*batch, q.shape[-2], v.shape[-1]), causal, k.shape[-2])
-        lse = torch.zeros(*batch, q.shape[-2], 2, dtype=upcast(q).dtype, device=q.device)
         rng = _rng_state(q.device) if dropout_p > 0 else None
-        probs = kernel(_probs_kernel, sigma, compiled)
-        for tile in attention_tiles(q, k, v, causal):
-            raw = torch.matmul(_rows(q, tile), _keys(k, tile).transpose(-2, -1))
-            p, tile_lse = probs(
-                raw, scale, _scores_part(keep, tile), _scores_part(bias, tile), causal, params
-            )
-            del raw
-            if dropout_p > 0:
-                p = p * _dropout_keep(p.shape, p.device, dropout_p) / (1.0 - dropout_p)
-            _matmul_into_(_rows(out, tile), p.to(v.dtype), _keys(v, tile), add=False)
-            _rows(lse, tile).copy_(tile_lse)
-            del p
+        out, lse = _tiled_forward(
+            q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params, True
+        )
         ctx.save_for_backward(q, k, v, keep, bias, lse, *params)
         ctx.meta = (causal, dropout_p, scale, sigma, compiled, rng)
         return out
@@ -809,20 +797,34 @@ def attention_without_scores(
     return torch.matmul(h.to(v.dtype), v)
 
 
-def _inference(q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params) -> Tensor:
-    """The forward alone, tile by tile, saving nothing."""
+def _tiled_forward(q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params, lse):
+    """(output, per-row log-sum-exp (m, log s) or None): the forward, tile by tile; the
+    statistics only when ``lse`` (training: the backward recomputes P from them)."""
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = _row_buffer(v, (*batch, q.shape[-2], v.shape[-1]), causal, k.shape[-2])
-    infer = kernel(_inference_kernel, sigma, compiled)
+    stats = None
+    if lse:
+        stats = torch.zeros(*batch, q.shape[-2], 2, dtype=upcast(q).dtype, device=q.device)
+    probs = kernel(_probs_kernel if lse else _inference_kernel, sigma, compiled)
     for tile in attention_tiles(q, k, v, causal):
         raw = torch.matmul(_rows(q, tile), _keys(k, tile).transpose(-2, -1))
-        p = infer(raw, scale, _scores_part(keep, tile), _scores_part(bias, tile), causal, params)
+        p = probs(raw, scale, _scores_part(keep, tile), _scores_part(bias, tile), causal, params)
         del raw
-        if dropout_p > 0:
-            p = torch.nn.functional.dropout(p, dropout_p, training=True)
+        if lse:
+            p, tile_lse = p
+            _rows(stats, tile).copy_(tile_lse)
+        if dropout_p > 0:  # the backward redraws these masks in this order (same generator)
+            p = p * _dropout_keep(p.shape, p.device, dropout_p) / (1.0 - dropout_p)
         _matmul_into_(_rows(out, tile), p.to(v.dtype), _keys(v, tile), add=False)
         del p
-    return out
+    return out, stats
+
+
+def _inference(q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params) -> Tensor:
+    """The forward alone, tile by tile, saving nothing."""
+    return _tiled_forward(
+        q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params, False
+    )[0]
 
 
 def fused_attention(

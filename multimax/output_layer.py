@@ -120,6 +120,30 @@ def _token_weights(valid: Tensor, reduction: str, grad: Tensor) -> Tensor:
     return weight
 
 
+def _reduce(losses: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """Per-token losses (0 where ignored) summed, averaged over the valid tokens, or kept."""
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.sum() / valid.sum().clamp_min(1)
+    return losses
+
+
+def _gradient_pass(run, x, weight, bias, safe, weight_t, smoothing, chunk, params, needs, out=None):
+    """One walk over the token chunks with the loss-and-gradient kernel: the gradients of x,
+    W, b and θ, and (into ``out`` = (losses, nll), when given) each token's loss and nll."""
+    grads = _Grads(x, weight, bias, params, needs)
+    for i, j in chunk_bounds(x.shape[0], weight.shape[0], chunk):
+        z = _logits(x[i:j], weight, bias)
+        loss, nll, g, d_par = run(z, safe[i:j], weight_t[i:j], smoothing, params)
+        del z
+        if out is not None:
+            out[0][i:j], out[1][i:j] = loss, nll
+        grads.add(i, j, g, x[i:j], weight, d_par)
+        del g
+    return grads
+
+
 class LinearSigmaCrossEntropy(torch.autograd.Function):
     """(per-token or reduced loss, per-token −log p(target)) of σ + cross-entropy on
     x·Wᵀ + b, chunk by chunk; the second output carries no gradient."""
@@ -144,44 +168,30 @@ class LinearSigmaCrossEntropy(torch.autograd.Function):
         tokens, vocab = x.shape[0], weight.shape[0]
         losses = torch.zeros(tokens, dtype=upcast(weight).dtype, device=x.device)
         nll = torch.zeros_like(losses)
-        bounds = chunk_bounds(tokens, vocab, chunk)
         needs = ctx.needs_input_grad
         # float16 recomputes in the backward, where the loss scale reaches g before it is
         # rounded to float16 (formed here, unscaled, small entries would flush to zero).
         want_grad = reduction != "none" and x.dtype != torch.float16
         want_grad = want_grad and (any(needs[:3]) or any(needs[10:]))
         ctx.meta = (sigma, smoothing, reduction, chunk, compiled)
+        ctx.grads = None
         if want_grad:
             # A summed or averaged loss: its gradients are formed here, scaled in backward.
             weight_t = _token_weights(valid, reduction, torch.ones((), dtype=losses.dtype))
-            grads = _Grads(x, weight, bias, params, needs[:3])
             run = kernel(_loss_and_grad_kernel, sigma, compiled, recompute=True)
-            for i, j in bounds:
-                z = _logits(x[i:j], weight, bias)
-                losses[i:j], nll[i:j], g, d_par = run(
-                    z, safe[i:j], weight_t[i:j], smoothing, params
-                )
-                del z
-                grads.add(i, j, g, x[i:j], weight, d_par)
-                del g
-            ctx.grads = grads
-            ctx.save_for_backward(x, weight, bias, safe, valid, *params)
+            args = (x, weight, bias, safe, weight_t, smoothing, chunk, params, needs[:3])
+            ctx.grads = _gradient_pass(run, *args, out=(losses, nll))
         else:
             run = kernel(_loss_kernel, sigma, compiled, recompute=True)
-            for i, j in bounds:
+            for i, j in chunk_bounds(tokens, vocab, chunk):
                 losses[i:j], nll[i:j] = run(
                     _logits(x[i:j], weight, bias), safe[i:j], smoothing, params
                 )
-            ctx.grads = None
-            ctx.save_for_backward(x, weight, bias, safe, valid, *params)
+        ctx.save_for_backward(x, weight, bias, safe, valid, *params)
         losses = torch.where(valid, losses, torch.zeros_like(losses))
         nll = torch.where(valid, nll, torch.zeros_like(nll))
         ctx.mark_non_differentiable(nll)
-        if reduction == "sum":
-            return losses.sum(), nll
-        if reduction == "mean":
-            return losses.sum() / valid.sum().clamp_min(1), nll
-        return losses, nll
+        return _reduce(losses, valid, reduction), nll
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_nll):
@@ -200,15 +210,11 @@ class LinearSigmaCrossEntropy(torch.autograd.Function):
                     buffer.mul_(scale.to(buffer.dtype))
         else:  # per-token losses (or a second backward): recompute every chunk
             weight_t = _token_weights(valid, reduction, grad_loss.to(upcast(weight).dtype))
-            grads = _Grads(x, weight, bias, params, needs[:3])
             run = kernel(_loss_and_grad_kernel, sigma, compiled, recompute=True)
             with autocast_disabled(x.device.type):
-                for i, j in chunk_bounds(x.shape[0], weight.shape[0], chunk):
-                    z = _logits(x[i:j], weight, bias)
-                    *_, g, d_par = run(z, safe[i:j], weight_t[i:j], smoothing, params)
-                    del z
-                    grads.add(i, j, g, x[i:j], weight, d_par)
-                    del g
+                grads = _gradient_pass(
+                    run, x, weight, bias, safe, weight_t, smoothing, chunk, params, needs[:3]
+                )
         dx = grads.x
         dw = None if grads.w is None else grads.w.to(weight.dtype)
         db = None if grads.b is None else grads.b.to(bias.dtype)
@@ -224,13 +230,7 @@ def _differentiable_backward(ctx, grad_loss):
     ctx.grads = None
     with torch.enable_grad():
         losses = _plain_losses(sigma, x, weight, bias, safe, smoothing, params)[0]
-        losses = torch.where(valid, losses, torch.zeros_like(losses))
-        if reduction == "sum":
-            total = losses.sum()
-        elif reduction == "mean":
-            total = losses.sum() / valid.sum().clamp_min(1)
-        else:
-            total = losses
+        total = _reduce(torch.where(valid, losses, torch.zeros_like(losses)), valid, reduction)
         needs = ctx.needs_input_grad
         dx, dw, db, *d_params = autograd_backward(
             total, (x, weight, bias, *params), (*needs[:3], *needs[10:]), grad_loss
