@@ -12,12 +12,14 @@ model and optimiser and times two updates instead.
 import hydra
 from omegaconf import DictConfig
 
-from experiments import fairseq_run, runtime
+from experiments.config import check  # noqa: F401 - registers the --help resolver
+from experiments.core.rundir import stops_cleanly
+from experiments.pipelines.fairseq import run as fairseq_run
 
 
 @hydra.main(config_path="../configs", config_name="language_model", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with runtime.stops_cleanly():
+    with stops_cleanly():
         fairseq_run.run(cfg, fairseq_run.evaluate_lm)
 
 

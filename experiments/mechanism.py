@@ -20,8 +20,19 @@ import torch
 from omegaconf import DictConfig
 
 import multimax
-from experiments import runtime
-from experiments.mechanism_task import (
+from experiments.config import check  # noqa: F401 - registers the --help resolver
+from experiments.core.io import atomic_write_text
+from experiments.core.results import RunResult, write_results
+from experiments.core.rundir import (
+    RunLock,
+    finished_result,
+    hydra_run_dir,
+    stops_cleanly,
+    trim_metrics_log,
+)
+from experiments.core.setup import normalizer_options, seed_everything
+from experiments.core.tracking import finish_wandb, init_wandb, log_metrics
+from experiments.pipelines.mechanism.task import (
     RetrievalAttention,
     RetrievalTask,
     evaluate,
@@ -35,7 +46,7 @@ EVAL_STREAM = 1_000_003
 
 def normalizer_label(cfg: DictConfig) -> str:
     """The normaliser's name as tables show it: softmax_learned_temp, multimax_order2, ..."""
-    name, options = runtime.normalizer_options(cfg, "attention")
+    name, options = normalizer_options(cfg, "attention")
     if name == "softmax" and options.get("learn_temperature"):
         return "softmax_learned_temp"
     if name == "multimax":
@@ -46,21 +57,21 @@ def normalizer_label(cfg: DictConfig) -> str:
 def train(cfg: DictConfig) -> dict:
     """Train and evaluate in the run dir; a finished run there is left as it is (a run of
     seconds has no checkpoints: an unfinished one starts over, its curve cleared)."""
-    run_dir = runtime.hydra_run_dir()
-    finished = runtime.finished_result(run_dir, int(cfg.train.steps))
+    run_dir = hydra_run_dir()
+    finished = finished_result(run_dir, int(cfg.train.steps))
     if finished is not None:
         print(f"{run_dir} holds a finished run (task_error {finished.metric_value}): nothing to do")
         return dict(finished.metrics)
-    with runtime.RunLock(run_dir):
-        runtime.trim_metrics_log(run_dir, 0)
+    with RunLock(run_dir):
+        trim_metrics_log(run_dir, 0)
         return _train(cfg, run_dir)
 
 
 def _train(cfg: DictConfig, run_dir) -> dict:
-    runtime.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     task = RetrievalTask(**{f.name: cfg.data[f.name] for f in dataclasses.fields(RetrievalTask)})
-    name, options = runtime.normalizer_options(cfg, "attention")
+    name, options = normalizer_options(cfg, "attention")
     model = RetrievalAttention(
         task, multimax.build_normalizer(name, **options), cfg.model.dim, cfg.model.heads
     )
@@ -72,7 +83,7 @@ def _train(cfg: DictConfig, run_dir) -> dict:
         task, cfg.data.eval_examples, torch.Generator().manual_seed(cfg.seed + EVAL_STREAM)
     )
     label = normalizer_label(cfg)
-    wandb_run = runtime.init_wandb(
+    wandb_run = init_wandb(
         cfg, run_dir, name=f"{label}_N{task.num_items}_m{task.num_relevant}_seed{cfg.seed}"
     )
 
@@ -94,7 +105,7 @@ def _train(cfg: DictConfig, run_dir) -> dict:
                 f"{rate:.0f} steps/s ETA {(steps - step) / rate:.0f}s",
                 flush=True,
             )
-            runtime.log_metrics(run_dir, step, {"train/loss_over_var": loss_share}, wandb_run)
+            log_metrics(run_dir, step, {"train/loss_over_var": loss_share}, wandb_run)
 
     # Held-out metrics at the training N, then at every N of eval.num_items (same model).
     results, rows = evaluate(model, task, eval_data, cfg.eval.rel_threshold)
@@ -143,13 +154,13 @@ def _train(cfg: DictConfig, run_dir) -> dict:
         "distractor_scores": scores[~relevant][: 20 * int(relevant.sum())].tolist(),
         "normalizer_parameters": learned,
     }
-    runtime.atomic_write_text(run_dir / "inspect.json", json.dumps(inspect) + "\n")
-    result = runtime.RunResult(
+    atomic_write_text(run_dir / "inspect.json", json.dumps(inspect) + "\n")
+    result = RunResult(
         task=cfg.task,
         dataset=cfg.data.name,
         model=cfg.model.name,
         normalizer=name,
-        output_normalizer=runtime.normalizer_options(cfg, "output")[0],
+        output_normalizer=normalizer_options(cfg, "output")[0],
         seed=cfg.seed,
         metric_name="task_error",
         metric_value=results["task_error"],
@@ -158,14 +169,14 @@ def _train(cfg: DictConfig, run_dir) -> dict:
         profile=cfg.profile.name,
         metrics=results,
     )
-    runtime.write_results(run_dir, result, cfg)
-    runtime.finish_wandb(wandb_run, result)
+    write_results(run_dir, result, cfg)
+    finish_wandb(wandb_run, result)
     return results
 
 
 @hydra.main(config_path="../configs", config_name="mechanism", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with runtime.stops_cleanly():
+    with stops_cleanly():
         return train(cfg)["task_error"]
 
 

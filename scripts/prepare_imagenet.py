@@ -10,6 +10,6 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
-    from experiments.data.imagenet import main
+    from experiments.pipelines.vision.imagenet import main
 
     raise SystemExit(main())

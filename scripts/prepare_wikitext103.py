@@ -13,6 +13,6 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
-    from experiments.data.fairseq_corpora import main
+    from experiments.pipelines.fairseq.corpora import main
 
     main("wikitext103", "wikitext103_smoke")

@@ -4,7 +4,7 @@
 #
 #   scripts/sweep.sh TABLE [HYDRA_OVERRIDE...]
 #
-#   TABLE: imagenet | wikitext103 | iwslt14 | wmt14 | mechanism
+#   TABLE: imagenet | wikitext103 | iwslt14 | wmt14 | mechanism (registry.sweep of configs/experiment/*.yaml)
 #   Environment (defaults in brackets):
 #     NORMALIZERS  comma list of configs/normalizer/ names [softmax,sparsemax,entmax15,evsoftmax,multimax]
 #     SEEDS        comma list                                [0,1,2]
@@ -39,17 +39,13 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
 
-case "$TABLE" in
-  imagenet)    APP=experiments.vision;         DEFAULT_EXPERIMENTS=deit_tiny_imagenet,deit_small_imagenet ;;
-  wikitext103) APP=experiments.language_model; DEFAULT_EXPERIMENTS=lm_wikitext103 ;;
-  iwslt14)     APP=experiments.translation;    DEFAULT_EXPERIMENTS=mt_iwslt14_deen ;;
-  wmt14)       APP=experiments.translation;    DEFAULT_EXPERIMENTS=mt_wmt14_ende ;;
-  mechanism)   APP=experiments.mechanism;      DEFAULT_EXPERIMENTS=mechanism_retrieval ;;
-  *)
-    echo "sweep.sh: unknown table '$TABLE'; choose imagenet, wikitext103, iwslt14, wmt14 or mechanism" >&2
-    exit 2
-    ;;
-esac
+# The table's app and experiments come from the experiment registry (configs/experiment/*.yaml).
+if ! SPEC=$("$PYTHON" -m experiments.core.registry sweep "$TABLE"); then
+  echo "sweep.sh: see configs/experiment/*.yaml (registry.sweep) for the tables" >&2
+  exit 2
+fi
+read -r APP_NAME DEFAULT_EXPERIMENTS <<<"$SPEC"
+APP=experiments.$APP_NAME
 
 NORMALIZERS=${NORMALIZERS:-softmax,sparsemax,entmax15,evsoftmax,multimax}
 SEEDS=${SEEDS:-0,1,2}

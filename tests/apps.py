@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from experiments.runtime import REPO_ROOT
+from experiments.core.io import REPO_ROOT
 
 # The LM / MT smoke pipelines at test size: seconds per run on two CPU cores.
 TINY_LM = [

@@ -9,7 +9,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
-from experiments.runtime import REPO_ROOT
+from experiments.core.io import REPO_ROOT
 
 CONFIGS = str(REPO_ROOT / "configs")
 

@@ -11,8 +11,9 @@ from PIL import Image
 from torch import nn
 
 import multimax
-from experiments import analyze
-from experiments.runtime import RunResult, log_metrics, write_results
+from experiments.core.results import RunResult, write_results
+from experiments.core.tracking import log_metrics
+from experiments.pipelines.report import figures as analyze
 
 
 class TinyAttentionModel(nn.Module):

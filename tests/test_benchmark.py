@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from experiments.benchmark import authors_sigma, peak_bytes
+from experiments.pipelines.benchmark.measure import authors_sigma, peak_bytes
 from multimax import build_normalizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_config_composes_with_the_issue_shapes_and_rows():
 def test_ratios_are_taken_within_rounds_and_reported_as_median_and_range():
     """A load spike in one round slows every row of that round: the per-round ratio stays
     put, and the range shows the rounds' spread."""
-    from experiments.benchmark import Row, Spread, Target, round_ratios
+    from experiments.pipelines.benchmark.measure import Row, Spread, Target, round_ratios
 
     ref = Row("softmax/sdpa", "softmax", None, None)
     row = Row("multimax/auto", "multimax", None, None)

@@ -18,9 +18,12 @@ import tomllib
 from apps import TINY_LM, app_env, run, run_app
 from composition import compose
 
-from experiments import runtime
+from experiments.core.console import VERBOSE_ENV, configure_output, verbose
+from experiments.core.errors import USAGE_EXIT_CODE
+from experiments.core.io import REPO_ROOT
+from experiments.core.rundir import resume_hint
 
-REPO = runtime.REPO_ROOT
+REPO = REPO_ROOT
 PROFILES = ("paper", "smoke")
 NORMALIZERS = sorted(p.stem for p in (REPO / "configs" / "normalizer").glob("*.yaml"))
 
@@ -30,7 +33,7 @@ APPS = ("vision", "language_model", "translation", "mechanism", "benchmark")
 
 
 def problems(app: str, overrides: list[str], fairseq_check: bool = False) -> list[str]:
-    from experiments import config_check
+    from experiments.config import check as config_check
 
     cfg = compose(app, overrides, hydra=True)
     return config_check.problems(cfg, app, cfg.hydra.runtime.choices, fairseq_check)
@@ -41,7 +44,7 @@ def problems(app: str, overrides: list[str], fairseq_check: bool = False) -> lis
 
 @pytest.mark.parametrize("app", APPS)
 def test_every_shipped_experiment_profile_and_normalizer_passes(app):
-    from experiments import config_check
+    from experiments.config import check as config_check
 
     experiments = config_check.APPS[app].experiments or (None,)
     for experiment in experiments:
@@ -53,7 +56,7 @@ def test_every_shipped_experiment_profile_and_normalizer_passes(app):
 
 
 def test_every_experiment_data_and_model_file_belongs_to_one_app():
-    from experiments import config_check
+    from experiments.config import check as config_check
 
     for group in ("experiment", "data", "model"):
         for path in sorted((REPO / "configs" / group).glob("*.yaml")):
@@ -69,7 +72,7 @@ def test_every_experiment_data_and_model_file_belongs_to_one_app():
 def test_every_rule_is_about_a_declared_key():
     """No dead rules: an app's own rules name keys its files declare (passthrough and
     wildcard keys aside); a shared rule names a key some app declares."""
-    from experiments import config_check
+    from experiments.config import check as config_check
 
     for app, rules in config_check.RULES.items():
         declared = config_check.declared_keys(app)
@@ -86,7 +89,8 @@ def test_every_rule_is_about_a_declared_key():
 def test_shipped_fairseq_options_are_options_fairseq_knows():
     """The fairseq options of every LM / MT experiment and profile, parsed by fairseq's own
     parsers (the check trusts declared keys, so they must be right)."""
-    from experiments import config_check, fairseq_run
+    from experiments.config import check as config_check
+    from experiments.pipelines.fairseq import run as fairseq_run
 
     lines = []
     for app in ("language_model", "translation"):
@@ -170,7 +174,7 @@ def test_fairseq_options_no_config_file_declares_are_asked_of_fairseq():
 
 
 def test_a_sweep_is_checked_point_by_point():
-    from experiments import config_check
+    from experiments.config import check as config_check
 
     points = config_check.sweep_points(["normalizer=softmax,multimax", "seed=0,1", "logger=none"])
     assert len(points) == 4 and ["normalizer=multimax", "seed=1", "logger=none"] in points
@@ -191,7 +195,7 @@ APP_CASES = [
 def test_the_app_stops_in_one_line_and_writes_nothing(app, overrides, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_app(app, [*overrides, "logger=none", f"hydra.run.dir={run_dir}"])
-    assert proc.returncode == runtime.USAGE_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == USAGE_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ERROR: "), lines
     assert not run_dir.exists()  # no .hydra/, config, log, W&B run or checkpoints/
@@ -204,7 +208,7 @@ def test_a_refused_rerun_leaves_an_existing_run_as_it_was(tmp_path):
     (run_dir / "results.json").write_text("{}\n")
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     proc = run_app("mechanism", ["train.steps=0", "logger=none", f"hydra.run.dir={run_dir}"])
-    assert proc.returncode == runtime.USAGE_EXIT_CODE
+    assert proc.returncode == USAGE_EXIT_CODE
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
@@ -214,7 +218,7 @@ def test_hydra_full_error_shows_the_traceback_too(tmp_path):
         ["train.steps=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
         env=app_env(HYDRA_FULL_ERROR="1"),
     )
-    assert proc.returncode == runtime.USAGE_EXIT_CODE
+    assert proc.returncode == USAGE_EXIT_CODE
     assert "Traceback" in proc.stderr and "ERROR: train.steps=0" in proc.stderr
 
 
@@ -224,7 +228,7 @@ def test_a_bad_sweep_point_stops_the_sweep_before_its_first_job(tmp_path):
         "mechanism",
         ["-m", "profile=smoke", "logger=none", "train.steps=5,0", f"hydra.sweep.dir={sweep}"],
     )
-    assert proc.returncode == runtime.USAGE_EXIT_CODE, proc.stdout + proc.stderr
+    assert proc.returncode == USAGE_EXIT_CODE, proc.stdout + proc.stderr
     assert "ERROR: sweep point profile=smoke logger=none train.steps=0" in proc.stderr
     assert not list(sweep.rglob("results.json"))
 
@@ -262,7 +266,7 @@ def test_a_stopped_run_prints_the_command_that_resumes_it(tmp_path):
 
 
 def test_outside_hydra_the_hint_names_the_run_dir(tmp_path):
-    assert runtime.resume_hint(tmp_path) == f"rerun the same command to resume from {tmp_path}"
+    assert resume_hint(tmp_path) == f"rerun the same command to resume from {tmp_path}"
 
 
 # --- point 9: the project's own lines -----------------------------------------------------------
@@ -282,22 +286,22 @@ def test_the_default_output_is_the_projects_own_lines(tmp_path):
 
 
 def test_third_party_warnings_are_hidden_unless_verbose(monkeypatch):
-    monkeypatch.delenv(runtime.VERBOSE_ENV, raising=False)
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
     level = logging.getLogger().level
     try:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            runtime.configure_output(verbose=False)
+            configure_output(verbose=False)
             warnings.warn_explicit("third party", UserWarning, "x.py", 1, module="timm.data")
-            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="experiments.runtime")
+            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="experiments.core.console")
             assert [str(w.message) for w in seen] == ["ours"]
             assert logging.getLogger().level == logging.ERROR
-            assert os.environ[runtime.VERBOSE_ENV] == "0" and not runtime.verbose()
+            assert os.environ[VERBOSE_ENV] == "0" and not verbose()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            runtime.configure_output(verbose=True)
+            configure_output(verbose=True)
             warnings.warn_explicit("third party", UserWarning, "x.py", 1, module="timm.data")
-            assert [str(w.message) for w in seen] == ["third party"] and runtime.verbose()
+            assert [str(w.message) for w in seen] == ["third party"] and verbose()
     finally:
         logging.getLogger().setLevel(level)
         for name in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
@@ -305,12 +309,12 @@ def test_third_party_warnings_are_hidden_unless_verbose(monkeypatch):
 
 
 def test_subword_nmt_progress_bar_only_when_verbose(tmp_path, monkeypatch):
-    from experiments.data import translation_text as tt
+    from experiments.pipelines.fairseq import translation_text as tt
 
     text = tmp_path / "train.txt"
     text.write_text("das haus ist klein\nein kleines haus\n" * 20)
-    for verbose, shown in (("0", False), ("1", True)):
-        monkeypatch.setenv(runtime.VERBOSE_ENV, verbose)
+    for flag, shown in (("0", False), ("1", True)):
+        monkeypatch.setenv(VERBOSE_ENV, flag)
         err = io.StringIO()
         monkeypatch.setattr(sys, "stderr", err)
         tt.learn_bpe(text, tmp_path / "codes", 10)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from experiments.data import fairseq_corpora as dc
+from experiments.pipelines.fairseq import fairseq_corpora as dc
 
 DE_EN, EN_DE, SPLIT_NAMES = ("de", "en"), ("en", "de"), ("train", "valid", "test")
 

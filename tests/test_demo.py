@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments.pipelines.report.tables import make_tables
 from scripts import demo
-from scripts.make_tables import make_tables
 
 REPO = Path(__file__).resolve().parents[1]
 

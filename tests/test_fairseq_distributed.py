@@ -15,8 +15,9 @@ import torch
 from apps import TINY_LM, TINY_MT, Background, app_env, run_app, train_losses, wait_dead
 from composition import compose
 
-from experiments import fairseq_run
-from experiments.runtime import REPO_ROOT, read_results
+from experiments.core.io import REPO_ROOT
+from experiments.core.results import read_results
+from experiments.pipelines.fairseq import run as fairseq_run
 
 PROBE = str(Path(__file__).with_name("fairseq_rank_probe.py"))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -153,12 +153,12 @@ def test_translation_train_multimax_then_generate(tmp_path):
 
 def score_lm(*args: str, cwd: Path) -> dict:
     """The pipelines' ``score_lm`` stage (fairseq-eval-lm's options) and its report."""
-    from experiments.fairseq_worker import parse_report
-    from experiments.runtime import REPO_ROOT
+    from experiments.core.io import REPO_ROOT
+    from experiments.pipelines.fairseq.worker import parse_report
 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.fairseq_worker", "score_lm", *args],
+        [sys.executable, "-m", "experiments.pipelines.fairseq.worker", "score_lm", *args],
         cwd=cwd, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -3,7 +3,7 @@ builds them: the optimiser's weight-decay groups under every fairseq precision f
 output σ's gradient scale under clipping, the criterion's evaluation distribution and
 ε-perplexity, the resumable tasks' batches, and NaN fault injection.
 
-The recipes' flags come from the composed configs (``experiments.fairseq_run.train_args``),
+The recipes' flags come from the composed configs (``experiments.pipelines.fairseq.run.train_args``),
 with a tiny model and a toy dictionary appended; fairseq's ``options`` parse them exactly as
 ``fairseq-train`` does, and fairseq's own ``Trainer`` builds the optimiser.
 """
@@ -21,7 +21,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.trainer import Trainer
 
 import multimax.integrations.fairseq_plugin as plugin
-from experiments import fairseq_run
+from experiments.pipelines.fairseq import run as fairseq_run
 
 WORDS = [f"w{i}" for i in range(40)]
 TINY_LM = ["--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-input-dim", "16",

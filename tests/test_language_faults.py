@@ -11,7 +11,8 @@ import shutil
 import pytest
 from apps import TINY_LM, TINY_MT, Background, run_app, strict_json, train_losses, wait_dead
 
-from experiments.runtime import STOP_EXIT_CODE, read_results
+from experiments.core.errors import STOP_EXIT_CODE
+from experiments.core.results import read_results
 
 # LM: 24 updates per epoch; checkpoints at 10, 20, 24 (epoch end), 30, 40.
 LM = [*TINY_LM, "normalizer=multimax", "train.max_update=40", "train.save_interval_updates=10"]

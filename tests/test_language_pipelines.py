@@ -12,8 +12,8 @@ from apps import TINY_LM, TINY_MT, run_app
 from composition import compose
 from omegaconf import OmegaConf
 
-from experiments import fairseq_run
-from experiments.runtime import read_results
+from experiments.core.results import read_results
+from experiments.pipelines.fairseq import run as fairseq_run
 
 EXPERIMENTS = {
     "language_model": ["lm_wikitext103"],
@@ -217,7 +217,7 @@ def test_headline_metric_is_eps_perplexity_for_outputs_that_give_zeros():
 
 
 def test_bf16_is_refused_on_gpus_with_the_reason():
-    from experiments.runtime import RunStop
+    from experiments.core.errors import RunStop
 
     with pytest.raises(RunStop, match="TPUs"):
         fairseq_run.precision_flags("bf16", cuda=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.runtime import RunResult, write_results
+from experiments.core.results import RunResult, write_results
 from scripts import make_tables as mt
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import multimax
-from experiments import runtime
+from experiments.core.results import METRICS_LOG, read_results
+from experiments.core.setup import normalizer_options
 from experiments.mechanism import normalizer_label
-from experiments.mechanism_task import (
+from experiments.pipelines.mechanism.task import (
     RetrievalAttention,
     RetrievalTask,
     evaluate,
@@ -47,7 +48,7 @@ def compose_cfg(overrides: list[str]):
 
 def build(overrides: list[str], task: RetrievalTask) -> RetrievalAttention:
     cfg = compose_cfg(overrides)
-    name, options = runtime.normalizer_options(cfg, "attention")
+    name, options = normalizer_options(cfg, "attention")
     return RetrievalAttention(task, multimax.build_normalizer(name, **options), 16, 1)
 
 
@@ -139,7 +140,7 @@ def test_metrics_read_the_models_real_attention_weights(overrides: list[str]) ->
 def test_ideal_attention_scores_give_zero_residual_and_every_mode(overrides: list[str]) -> None:
     task = RetrievalTask(num_items=48, num_relevant=3, num_classes=6, key_noise=0.0)
     cfg = compose_cfg(overrides)
-    name, options = runtime.normalizer_options(cfg, "attention")
+    name, options = normalizer_options(cfg, "attention")
     model = ideal_model(task, multimax.build_normalizer(name, **options))
     data = sample_batch(task, 256, torch.Generator().manual_seed(4))
     result, rows = evaluate(model, task, data)
@@ -163,7 +164,7 @@ def test_every_study_normalizer_composes_builds_and_trains() -> None:
     task = RetrievalTask(num_items=16, num_relevant=2)
     for cfg in configs:
         labels.append(normalizer_label(cfg))
-        name, options = runtime.normalizer_options(cfg, "attention")
+        name, options = normalizer_options(cfg, "attention")
         model = RetrievalAttention(task, multimax.build_normalizer(name, **options), 16, 1)
         batch = sample_batch(task, 8, torch.Generator().manual_seed(0))
         loss = torch.nn.functional.mse_loss(model(batch.query, batch.items), batch.target)
@@ -185,7 +186,7 @@ def test_every_study_normalizer_composes_builds_and_trains() -> None:
 
 def test_tiny_multirun_writes_results_and_report(tmp_path: Path) -> None:
     """Two normalisers through the real Hydra app (-m), then the study report from them."""
-    from scripts.mechanism_study import report
+    from experiments.pipelines.mechanism.study import report
 
     sweep = tmp_path / "runs"
     proc = subprocess.run(
@@ -213,12 +214,12 @@ def test_tiny_multirun_writes_results_and_report(tmp_path: Path) -> None:
     paths = sorted(sweep.rglob("results.json"))
     assert len(paths) == 2
     for path in paths:
-        result = runtime.read_results(path)
+        result = read_results(path)
         assert result.task == "mechanism" and result.metric_name == "task_error"
         assert result.profile == "smoke" and result.steps == 20
         assert result.normalizer in {"softmax", "multimax"}
         assert result.output_normalizer == "none"
-        curve = (path.parent / runtime.METRICS_LOG).read_text().splitlines()
+        curve = (path.parent / METRICS_LOG).read_text().splitlines()
         assert json.loads(curve[-1])["step"] == 20  # the training curve reaches the last step
         assert math.isfinite(result.metric_value)
         assert (

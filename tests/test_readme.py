@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from composition import compose
 
-from experiments.runtime import REPO_ROOT
+from experiments.core.io import REPO_ROOT
 
 APPS = ("vision", "language_model", "translation", "mechanism", "benchmark")  # INTERFACES.md
 
@@ -213,7 +213,7 @@ def test_every_python_block_runs_as_written(page, checkout):
 
 
 def _points(args: list[str]) -> list[list[str]]:
-    from experiments import config_check
+    from experiments.config import check as config_check
 
     overrides = [a for a in args if not a.startswith("-") and not is_template([a])]
     if "-m" in args or "--multirun" in args:
@@ -224,7 +224,7 @@ def _points(args: list[str]) -> list[list[str]]:
 def test_every_app_command_composes_and_passes_the_config_check():
     """Each Hydra app command of the README and docs (directly, under torchrun / srun, or
     through the launch scripts), every point of a sweep."""
-    from experiments import config_check
+    from experiments.config import check as config_check
 
     checked = 0
     for command in ALL:
@@ -242,7 +242,7 @@ def test_every_app_command_composes_and_passes_the_config_check():
 
 def test_every_sweep_script_command_passes_the_config_check(checkout):
     """``scripts/sweep.sh TABLE OVERRIDES``: the multirun it starts (``DRY=1`` prints it)."""
-    from experiments import config_check
+    from experiments.config import check as config_check
 
     sweeps = [c for c in ALL if c.words[0] == "scripts/sweep.sh" and not is_template(c.words)]
     assert sweeps
@@ -294,7 +294,7 @@ def test_every_make_target_exists():
 def test_the_plugins_fairseq_command_lines_parse_as_written():
     """docs/fairseq_plugin.md: fairseq-train / -generate / -eval-lm with our --user-dir,
     parsed by fairseq's own parsers (paths need not exist)."""
-    from experiments import fairseq_run
+    from experiments.pipelines.fairseq import run as fairseq_run
 
     lines = [
         (c.words[0], [w for w in c.words[1:]])
@@ -324,8 +324,8 @@ def test_no_page_quotes_smoke_numbers_of_its_own():
     """Outside the written tables no page repeats a smoke result (it would go stale)."""
     import csv
 
+    from experiments.pipelines.report.tables import _fmt
     from scripts import demo
-    from scripts.make_tables import _fmt
 
     numbers = set()
     for path in (REPO_ROOT / "results" / "smoke").glob("*_smoke.csv"):

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from experiments import fairseq_run
-from experiments.data import translation_text as tt
+from experiments.pipelines.fairseq import run as fairseq_run
+from experiments.pipelines.fairseq import translation_text as tt
 
 
 def test_tokenize_is_moses_with_xml_escaping():

@@ -15,9 +15,17 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import multimax
-from experiments import runtime
-from experiments.vision_data import DataLayoutError, ResumableSampler, ensure_data
-from experiments.vision_train import NonFiniteLoss, dry_run, train
+from experiments.core.errors import USAGE_EXIT_CODE
+from experiments.core.results import METRICS_LOG
+from experiments.core.rundir import (
+    CHECKPOINT_LAST,
+    CHECKPOINT_PREVIOUS,
+    CLOCK_FILE,
+    load_checkpoint,
+)
+from experiments.core.setup import normalizer_options
+from experiments.pipelines.vision.data import DataLayoutError, ResumableSampler, ensure_data
+from experiments.pipelines.vision.train import NonFiniteLoss, dry_run, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = str(REPO / "configs")
@@ -70,8 +78,8 @@ def test_every_experiment_composes_with_every_normalizer(experiment):
 
 def test_output_normalizer_is_one_override():
     cfg = cfg_for("normalizer=multimax", "normalizer.order=1", "model.output_normalizer=softmax")
-    assert runtime.normalizer_options(cfg, "attention") == ("multimax", {"order": 1})
-    assert runtime.normalizer_options(cfg, "output") == ("softmax", {})
+    assert normalizer_options(cfg, "attention") == ("multimax", {"order": 1})
+    assert normalizer_options(cfg, "output") == ("softmax", {})
     assert cfg_for("experiment=deit_small_imagenet").model.drop_path == 0.1
 
 
@@ -86,7 +94,7 @@ def test_missing_data_root_names_layout_and_preparing_command(tmp_path):
 
 
 def test_prepare_digits_writes_the_real_digits_once(tmp_path):
-    from experiments.data.digits import write_digits
+    from experiments.pipelines.vision.digits import write_digits
 
     root = write_digits(tmp_path / "digits")
     train = sorted((root / "train").glob("*/*.png"))
@@ -125,7 +133,7 @@ def test_smoke_run_writes_results(uninterrupted):
     assert data["normalizer"] == data["output_normalizer"] == "multimax"
     assert data["config"]["trainer"]["epochs"] == 2
     assert data["metric_value"] == pytest.approx(result.metric_value)
-    lines = [json.loads(x) for x in (run_dir / runtime.METRICS_LOG).read_text().splitlines()]
+    lines = [json.loads(x) for x in (run_dir / METRICS_LOG).read_text().splitlines()]
     assert any("images_per_s" in x for x in lines) and any("top1" in x for x in lines)
 
 
@@ -133,7 +141,7 @@ def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(uninterrupted, t
     _, expected = uninterrupted
     cfg = cfg_for(*SHORT, "normalizer=multimax", "trainer.stop_after_steps=15")
     assert train(cfg, tmp_path) is None  # stopped mid-epoch 2, after a checkpoint
-    assert runtime.load_checkpoint(tmp_path)["step"] == 15
+    assert load_checkpoint(tmp_path)["step"] == 15
     assert "rerun the same command to resume" in capsys.readouterr().out
     resumed = train(cfg, tmp_path)  # the same command again: resumes and finishes
     assert "resuming from" in capsys.readouterr().out
@@ -161,7 +169,7 @@ def test_rerun_of_a_finished_run_changes_nothing(uninterrupted, tmp_path, capsys
 def test_wall_seconds_add_up_across_resumes(tmp_path):
     cfg = cfg_for(*SHORT, "normalizer=softmax", "trainer.stop_after_steps=15")
     assert train(cfg, tmp_path) is None
-    first = json.loads((tmp_path / runtime.CLOCK_FILE).read_text())["seconds"]
+    first = json.loads((tmp_path / CLOCK_FILE).read_text())["seconds"]
     assert first > 0
     resumed = train(cfg, tmp_path)
     assert resumed.wall_seconds > first  # the first segment counted, not just the last
@@ -171,7 +179,7 @@ def test_wall_seconds_add_up_across_resumes(tmp_path):
 def test_unreadable_checkpoints_start_over_with_a_line_and_a_clean_curve(tmp_path, capsys):
     cfg = cfg_for(*SHORT, "normalizer=softmax", "trainer.stop_after_steps=10")
     assert train(cfg, tmp_path) is None
-    for name in (runtime.CHECKPOINT_LAST, runtime.CHECKPOINT_PREVIOUS):
+    for name in (CHECKPOINT_LAST, CHECKPOINT_PREVIOUS):
         if (tmp_path / name).exists():
             (tmp_path / name).write_bytes(b"garbage")
     capsys.readouterr()
@@ -179,7 +187,7 @@ def test_unreadable_checkpoints_start_over_with_a_line_and_a_clean_curve(tmp_pat
         assert train(cfg, tmp_path) is None
     assert "no readable checkpoint" in capsys.readouterr().out
     steps = [
-        json.loads(x)["step"] for x in (tmp_path / runtime.METRICS_LOG).read_text().splitlines()
+        json.loads(x)["step"] for x in (tmp_path / METRICS_LOG).read_text().splitlines()
     ]
     assert steps.count(5) == 1  # the curve of the abandoned start is gone
 
@@ -188,12 +196,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     cfg = cfg_for(*SHORT, "trainer.checkpoint_every_steps=2", "trainer.inject_nan_at_step=3")
     with pytest.raises(NonFiniteLoss, match="at step 3"):
         train(cfg, tmp_path)
-    assert runtime.load_checkpoint(tmp_path)["step"] == 2
+    assert load_checkpoint(tmp_path)["step"] == 2
     assert not (tmp_path / "results.json").exists()
 
 
 def test_load_trained_model_and_evaluation_batches(uninterrupted):
-    from experiments.vision import evaluation_batches, load_trained_model
+    from experiments.pipelines.vision.trained import evaluation_batches, load_trained_model
 
     run_dir, result = uninterrupted
     model, cfg = load_trained_model(run_dir)
@@ -224,7 +232,7 @@ def test_dry_run_of_the_paper_profile_on_the_cpu(tmp_path, capsys):
 
 
 def _losses(run_dir: Path) -> list[float]:
-    lines = [json.loads(x) for x in (run_dir / runtime.METRICS_LOG).read_text().splitlines()]
+    lines = [json.loads(x) for x in (run_dir / METRICS_LOG).read_text().splitlines()]
     return [x["train_loss"] for x in lines if "train_loss" in x]
 
 
@@ -263,7 +271,7 @@ def test_two_torchrun_processes_train_as_one_with_the_same_global_batch(tmp_path
 
 
 def test_a_single_launcher_process_starts_one_worker_per_process_wanted(monkeypatch, tmp_path):
-    from experiments.vision_launch import worker_command
+    from experiments.pipelines.vision.launch import worker_command
 
     for name in (
         "RANK",
@@ -292,15 +300,15 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(uninterrupted,
     _, expected = uninterrupted
     cfg = cfg_for(*SHORT, "normalizer=multimax", "trainer.stop_after_steps=15")
     train(cfg, tmp_path)  # checkpoints at step 11 (epoch end) and 15 (the stop)
-    (tmp_path / runtime.CHECKPOINT_LAST).write_bytes(b"truncated by a crash")
-    with (tmp_path / runtime.METRICS_LOG).open("a") as log:
+    (tmp_path / CHECKPOINT_LAST).write_bytes(b"truncated by a crash")
+    with (tmp_path / METRICS_LOG).open("a") as log:
         log.write('{"step": 16, "train_lo')  # a line the crash cut short
     with pytest.warns(UserWarning, match="unreadable"):
         resumed = train(cfg_for(*SHORT, "normalizer=multimax"), tmp_path)
     assert resumed.steps == 22
     assert resumed.metrics["top1"] == pytest.approx(expected.metrics["top1"], abs=1e-9)
     steps = [
-        json.loads(x)["step"] for x in (tmp_path / runtime.METRICS_LOG).read_text().splitlines()
+        json.loads(x)["step"] for x in (tmp_path / METRICS_LOG).read_text().splitlines()
     ]
     assert steps == sorted(steps)  # lines after step 11 were dropped, then rewritten once
 
@@ -345,7 +353,7 @@ def test_a_data_root_holding_other_files_is_refused_and_left_alone(tmp_path):
 @pytest.fixture
 def damaged_digits(tmp_path):
     """A digits tree with one PNG cut short (it still opens) and one that is not an image."""
-    from experiments.data.digits import write_digits
+    from experiments.pipelines.vision.digits import write_digits
 
     root = write_digits(tmp_path / "digits")
     files = sorted((root / "train").glob("*/*.png"))
@@ -356,8 +364,8 @@ def damaged_digits(tmp_path):
 
 
 def test_unreadable_images_are_named_once_and_refused_or_left_out(damaged_digits, monkeypatch):
-    from experiments import vision_data
-    from experiments.vision_data import BadImagesError, build_datasets
+    from experiments.pipelines.vision import data as vision_data
+    from experiments.pipelines.vision.data import BadImagesError, build_datasets
 
     root, cut, junk = damaged_digits
     with pytest.raises(BadImagesError) as refused:
@@ -385,7 +393,7 @@ def test_the_app_stops_in_one_line_on_unreadable_images(damaged_digits, tmp_path
     run_dir = tmp_path / "run"
     proc = run_app("vision", ["profile=smoke", "logger=none", f"data.root={root}",
                               f"hydra.run.dir={run_dir}"])  # fmt: skip
-    assert proc.returncode == runtime.USAGE_EXIT_CODE
+    assert proc.returncode == USAGE_EXIT_CODE
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ERROR: 2 image(s)") and str(cut) in lines[0]
     assert not run_dir.exists()  # Hydra's .hydra/ of the refused run is gone too

@@ -3,7 +3,7 @@
 A Hydra callback (``hydra.callbacks.check_config`` in ``configs/suite.yaml``) runs
 :func:`problems` on the composed config before Hydra creates the run directory (and on
 every point of a sweep before its first job). A run is refused, with one line per problem
-naming the key, the bad value, what is allowed and the fix (``runtime.RunStop``, exit code
+naming the key, the bad value, what is allowed and the fix (``RunStop``, exit code
 2), when
 
 * the experiment, data set or model belongs to another app (``experiment=lm_wikitext103``
@@ -16,11 +16,11 @@ naming the key, the bad value, what is allowed and the fix (``runtime.RunStop``,
   ``model.output_normalizer=sparsmax``, ``train.lr=-1``);
 * a fairseq option the config files do not declare (``+train.max_epoch=2``) is unknown to
   fairseq or has a value fairseq's parser refuses: those are checked by fairseq's own
-  parser in a short child process (``experiments.fairseq_worker check_args``), since
+  parser in a short child process (``experiments.pipelines.fairseq.worker check_args``), since
   importing fairseq here would shadow our configs in Hydra's ConfigStore.
 
 The same callback keeps the ``.hydra/`` record of an existing run directory as its first
-invocation wrote it, and sets the project's output (``runtime.configure_output``).
+invocation wrote it, and sets the project's output (``configure_output``).
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from experiments import runtime
+from experiments.core.console import configure_output
+from experiments.core.errors import RunStop
+from experiments.core.io import REPO_ROOT
+from experiments.core.rundir import note_run_dir, stops_cleanly
 
-CONFIG_DIR = runtime.REPO_ROOT / "configs"
+CONFIG_DIR = REPO_ROOT / "configs"
 # Groups every app shares (configs/suite.yaml); launcher options only hold Hydra settings.
 SHARED_GROUPS = ("normalizer", "logger", "launcher", "profile")
 
@@ -684,11 +687,11 @@ def fairseq_problems(cfg: DictConfig, passthrough: Mapping[str, Any],
     keys = unvouched_fairseq_keys(data, passthrough, declared)
     if not keys:
         return []
-    from experiments import fairseq_run
+    from experiments.pipelines.fairseq import run as fairseq_run
 
     try:
         found = fairseq_run.parse_with_fairseq(fairseq_run.check_command_lines(cfg))
-    except runtime.RunStop as stop:  # e.g. a stock architecture asked for MultiMax
+    except RunStop as stop:  # e.g. a stock architecture asked for MultiMax
         return [str(stop)]
     except RuntimeError as err:
         return [f"{', '.join(keys)}: {err}"]
@@ -759,9 +762,9 @@ except ImportError:  # pragma: no cover - Hydra is always installed with the app
 
 
 def refuse(lines: list[str]) -> None:
-    """Stop with the problems, one ``ERROR:`` line each (``runtime.stops_cleanly``)."""
-    with runtime.stops_cleanly():
-        raise runtime.RunStop("\nERROR: ".join(lines))
+    """Stop with the problems, one ``ERROR:`` line each (``stops_cleanly``)."""
+    with stops_cleanly():
+        raise RunStop("\nERROR: ".join(lines))
 
 
 class CheckConfig(Callback):
@@ -775,7 +778,7 @@ class CheckConfig(Callback):
         if found:
             refuse(found)
         run_dir = Path(str(config.hydra.run.dir))
-        runtime.note_run_dir(run_dir)
+        note_run_dir(run_dir)
         if (run_dir / ".hydra").is_dir():  # an existing run keeps the record of its first start
             with read_write(config.hydra), open_dict(config.hydra):
                 config.hydra.output_subdir = None
@@ -790,7 +793,7 @@ class CheckConfig(Callback):
             refuse(found)
 
     def on_job_start(self, config: DictConfig, **_: Any) -> None:
-        runtime.configure_output(bool(config.get("verbose", False)))
+        configure_output(bool(config.get("verbose", False)))
 
 
 # --- --help ------------------------------------------------------------------------------------
@@ -822,3 +825,9 @@ def help_text(app: str) -> str:
         "Hydra's own options: --hydra-help",
     ]
     return "\n".join(lines)
+
+
+# ``hydra.help.template`` in configs/suite.yaml calls ``${app_help:<app>}``; every app imports
+# this module, so the resolver is there before Hydra prints ``--help``.
+if not OmegaConf.has_resolver("app_help"):
+    OmegaConf.register_new_resolver("app_help", help_text)

@@ -25,13 +25,9 @@ from timm.data import ImageDataset, Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from experiments.runtime import (
-    REPO_ROOT,
-    ConfigError,
-    DistributedContext,
-    RunStop,
-    atomic_write_text,
-)
+from experiments.core.errors import ConfigError, RunStop
+from experiments.core.io import REPO_ROOT, atomic_write_text
+from experiments.core.setup import DistributedContext
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 IMAGE_CHECK_FILE = ".image_check.json"
@@ -167,7 +163,7 @@ def ensure_data(cfg: DictConfig) -> Path:
     """The checked data root; the digits tree is written on first use (cached, atomically)."""
     root = data_root(cfg)
     if cfg.data.name == "digits":
-        from experiments.data.digits import write_digits
+        from experiments.pipelines.vision.digits import write_digits
 
         try:
             write_digits(root)

@@ -1,8 +1,8 @@
 """The fairseq driver behind ``experiments.language_model`` and ``experiments.translation``.
 
 Config → fairseq command lines → fairseq's own ``train`` / ``generate`` / ``validate`` and our
-``score_lm`` (``experiments.fairseq_worker``) → parsed metrics → ``results.json``. Each stage
-runs in a child process (``python -m experiments.fairseq_worker STAGE ARGS...``). A child per
+``score_lm`` (``experiments.pipelines.fairseq.worker``) → parsed metrics → ``results.json``. Each stage
+runs in a child process (``python -m experiments.pipelines.fairseq.worker STAGE ARGS...``). A child per
 stage keeps fairseq's global state (its own Hydra instance, logging, spawned GPU workers)
 away from our Hydra app, lets fairseq's own distributed launch (one worker per GPU,
 torchrun's or SLURM's environment) work unchanged, and makes a crash or a kill of training
@@ -35,10 +35,23 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import runtime
-from experiments.fairseq_worker import PARENT_PID_ENV, STAGES, parse_report
+from experiments.core.console import verbose
+from experiments.core.errors import STOP_EXIT_CODE, ConfigError, RunStop
+from experiments.core.io import REPO_ROOT
+from experiments.core.results import RunResult, write_results
+from experiments.core.rundir import (
+    RunClock,
+    RunLock,
+    finished_result,
+    hydra_run_dir,
+    resume_hint,
+    trim_metrics_log,
+)
+from experiments.core.setup import normalizer_options
+from experiments.core.tracking import finish_wandb, init_wandb, log_metrics
+from experiments.pipelines.fairseq.worker import PARENT_PID_ENV, STAGES, parse_report
 
-PLUGIN_DIR = runtime.REPO_ROOT / "multimax" / "integrations" / "fairseq_plugin"
+PLUGIN_DIR = REPO_ROOT / "multimax" / "integrations" / "fairseq_plugin"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 # Output normalisers whose evaluation distribution can give a token probability exactly 0:
@@ -96,11 +109,11 @@ def plugin_available() -> bool:
 
 def normalizer_flags(cfg: DictConfig) -> list[str]:
     """``normalizer=`` / ``model.output_normalizer=`` as the plugin's model options."""
-    attn, attn_opts = runtime.normalizer_options(cfg, "attention")
-    out, out_opts = runtime.normalizer_options(cfg, "output")
+    attn, attn_opts = normalizer_options(cfg, "attention")
+    out, out_opts = normalizer_options(cfg, "output")
     if not uses_plugin(cfg):
         if attn != "softmax" or out != "softmax" or attn_opts.get("learn_temperature"):
-            raise runtime.ConfigError(
+            raise ConfigError(
                 f"model.arch={cfg.model.arch} is fairseq's stock architecture (softmax only); "
                 f"use model.arch=multimax_{cfg.model.arch} for normalizer={attn} / "
                 f"output_normalizer={out}"
@@ -126,9 +139,9 @@ def plugin_flags(
     for options in (attn_opts, out_opts):
         for key, value in options.items():
             if key not in merged:
-                raise runtime.ConfigError(f"normaliser option {key!r} has no fairseq plugin flag")
+                raise ConfigError(f"normaliser option {key!r} has no fairseq plugin flag")
             if key in seen and seen[key] != value:
-                raise runtime.ConfigError(
+                raise ConfigError(
                     f"attention and output normalisers ask for different {key} "
                     f"({seen[key]!r} vs {value!r}); the fairseq flags are shared"
                 )
@@ -158,13 +171,13 @@ def precision_flags(precision: str | None, cuda: bool) -> list[str]:
     Trainer then asks for an XLA device), so ``bf16`` is refused on a CUDA machine."""
     precision = (precision or "fp32").lower()
     if precision not in PRECISIONS:
-        raise runtime.ConfigError(
+        raise ConfigError(
             f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
         )
     if precision == "fp32" or not cuda:
         return []
     if precision == "bf16":
-        raise runtime.RunStop(
+        raise RunStop(
             "train.precision=bf16: fairseq 0.12 runs --bf16 only on TPUs (it implies --tpu); "
             "on GPUs use train.precision=fp16 (the recipes' setting) or train.precision=amp"
         )
@@ -248,7 +261,13 @@ def parse_with_fairseq(lines: list[tuple[str, list[str]]]) -> list[tuple[str, st
     """``[(program, argparse's error or None), ...]``: each command line parsed by fairseq's
     own parser, in a child process (importing fairseq here would register its schemas in
     Hydra's ConfigStore)."""
-    cmd = [sys.executable, "-m", "experiments.fairseq_worker", "check_args", json.dumps(lines)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.pipelines.fairseq.worker",
+        "check_args",
+        json.dumps(lines),
+    ]
     done = subprocess.run(
         cmd, capture_output=True, text=True, env=child_env(distributed=False), cwd=os.getcwd()
     )
@@ -306,9 +325,7 @@ def generate_args(
 
 def child_env(distributed: bool) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(runtime.REPO_ROOT), env.get("PYTHONPATH")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     env.setdefault("WANDB_MODE", "offline")
     env[PARENT_PID_ENV] = str(os.getpid())
     if not distributed:
@@ -341,12 +358,12 @@ def run_stage(
     and to ``on_line``. Raises :class:`StageFailed` with the log's tail if the stage fails.
 
     The child leads a process group of its own (fairseq's workers join it) and dies with
-    this process (see ``experiments.fairseq_worker``); if this process is interrupted, the
+    this process (see ``experiments.pipelines.fairseq.worker``); if this process is interrupted, the
     whole group is killed. ``keep_fds`` stay open in the child (the run directory's lock)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-u", "-m", "experiments.fairseq_worker", stage, *args]
+    cmd = [sys.executable, "-u", "-m", "experiments.pipelines.fairseq.worker", stage, *args]
     tail: list[str] = []
     env = {**child_env(distributed), **(extra_env or {})}
     with log_path.open("a", buffering=1) as log:  # line-buffered: complete up to a kill
@@ -364,7 +381,7 @@ def run_stage(
             pass_fds=keep_fds,
         )
         assert proc.stdout is not None
-        echo = runtime.verbose()  # verbose=true: fairseq's own output too, not only the log
+        echo = verbose()  # verbose=true: fairseq's own output too, not only the log
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -413,7 +430,7 @@ class TrainProgress:
         run_dir: Path,
         max_update: int,
         wandb_run=None,
-        clock: runtime.RunClock | None = None,
+        clock: RunClock | None = None,
     ) -> None:
         self.prefix, self.run_dir, self.max_update = prefix, run_dir, max_update
         self.wandb_run, self.clock = wandb_run, clock
@@ -447,7 +464,7 @@ class TrainProgress:
             shown = " | ".join(f"{k[6:]} {metrics[k]:.3f}" for k in VALID_METRICS if k in metrics)
             print(f"[{self.prefix}] valid @ update {step} | {shown}", flush=True)
             keep = {k: v for k, v in metrics.items() if k in VALID_METRICS}
-            runtime.log_metrics(self.run_dir, step, keep, self.wandb_run)
+            log_metrics(self.run_dir, step, keep, self.wandb_run)
 
     def _train(self, step: int, metrics: dict[str, float]) -> None:
         self.num_updates = step
@@ -468,7 +485,7 @@ class TrainProgress:
             flush=True,
         )
         keep = {k: metrics[k] for k in ("loss", "ppl", "wps", "lr", "gnorm") if k in metrics}
-        runtime.log_metrics(self.run_dir, step, keep, self.wandb_run)
+        log_metrics(self.run_dir, step, keep, self.wandb_run)
 
     @property
     def tokens_per_second(self) -> float:
@@ -538,7 +555,7 @@ def translation_scores(
     test set's order."""
     import sacrebleu
 
-    from experiments.data.translation_text import detokenize
+    from experiments.pipelines.fairseq.translation_text import detokenize
 
     if len(hyps) != len(raw_refs):
         raise RuntimeError(f"{len(hyps)} hypotheses for {len(raw_refs)} references")
@@ -554,7 +571,7 @@ def translation_scores(
 def ensure_data(cfg: DictConfig, allow_missing: bool = False) -> Path | None:
     """The prepared data-bin. Smoke corpora are generated and prepared on first use; a
     missing real corpus is an error naming the preparing command (or None if allowed)."""
-    from experiments.data import fairseq_corpora as data_common
+    from experiments.pipelines.fairseq import fairseq_corpora as data_common
 
     if data_common.is_prepared(cfg.data):
         return data_dir(cfg)
@@ -567,12 +584,12 @@ def ensure_data(cfg: DictConfig, allow_missing: bool = False) -> Path | None:
 
 def wait_for_data(cfg: DictConfig, timeout_s: float = 6 * 3600) -> Path:
     """Ranks other than 0 wait for rank 0 to prepare the data (one preparation, no race)."""
-    from experiments.data import fairseq_corpora
+    from experiments.pipelines.fairseq import fairseq_corpora
 
     deadline = time.monotonic() + timeout_s
     while not fairseq_corpora.is_prepared(cfg.data):
         if time.monotonic() > deadline:
-            raise runtime.RunStop(f"rank {_process_rank()}: {data_dir(cfg)} was not prepared")
+            raise RunStop(f"rank {_process_rank()}: {data_dir(cfg)} was not prepared")
         time.sleep(2.0)
     return data_dir(cfg)
 
@@ -592,7 +609,7 @@ def _torchrun_world(env: Mapping[str, str] | None = None) -> int:
 def headline_metric(cfg: DictConfig) -> str:
     """The run's ``metric_name``: the experiment's, except that an LM whose output
     normaliser can give a token probability 0 is ranked by its ε-perplexity (BRIEF §6)."""
-    output, _ = runtime.normalizer_options(cfg, "output")
+    output, _ = normalizer_options(cfg, "output")
     if cfg.task == "language_model" and output in ZERO_PROBABILITY_OUTPUTS:
         return "test_eps_perplexity"
     return str(cfg.evaluate.metric)
@@ -650,13 +667,13 @@ def resume_point(save_dir: Path) -> ResumePoint:
 def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgress], tuple]):
     """Train with fairseq in ``hydra.run.dir`` (or resume there), evaluate, write
     ``results.json``. A finished run is left as it is."""
-    run_dir = runtime.hydra_run_dir()
+    run_dir = hydra_run_dir()
     prefix = "lm" if cfg.task == "language_model" else "mt"
     if cfg.get("dry_run"):
         return dry_run(cfg, run_dir)
     is_main = _process_rank() == 0
     total = int(cfg.train.get("max_update") or 0)
-    finished = runtime.finished_result(run_dir, total)
+    finished = finished_result(run_dir, total)
     if finished is not None:
         if is_main:
             value = "null" if finished.metric_value is None else f"{finished.metric_value:.2f}"
@@ -671,29 +688,29 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
     world = _torchrun_world()
     configured = str((cfg.get("distributed") or {}).get("world_size", "auto"))
     if not cuda and world == 1 and configured not in ("auto", "1"):
-        raise runtime.RunStop(
+        raise RunStop(
             f"distributed.world_size={configured} on a machine without GPUs: fairseq spawns one "
             "worker per GPU. On CPUs start the processes with torchrun, e.g. "
             f"torchrun --nproc_per_node={configured} -m experiments.{cfg.task} ... "
             "hydra.run.dir=DIR"
         )
     if world > 1 and not any(a.startswith("hydra.run.dir=") for a in _hydra_overrides()):
-        raise runtime.RunStop(
+        raise RunStop(
             "under torchrun every rank must use the same run directory: give hydra.run.dir=DIR"
         )
-    lock = runtime.RunLock(run_dir) if is_main else None
+    lock = RunLock(run_dir) if is_main else None
     with lock or contextlib.nullcontext():
         save_dir = run_dir / CHECKPOINT_DIR
         resume = resume_point(save_dir)
-        clock = runtime.RunClock(run_dir, start_over=resume.updates == 0) if is_main else None
+        clock = RunClock(run_dir, start_over=resume.updates == 0) if is_main else None
         if is_main:
             if resume.note:
                 print(f"[{prefix}] {resume.note}", flush=True)
-            runtime.trim_metrics_log(run_dir, resume.updates)
+            trim_metrics_log(run_dir, resume.updates)
             ensure_data(cfg)
         else:
             wait_for_data(cfg)
-        wandb_run = runtime.init_wandb(cfg, run_dir) if is_main else None
+        wandb_run = init_wandb(cfg, run_dir) if is_main else None
         progress = TrainProgress(prefix, run_dir, total, wandb_run, clock)
         if total and resume.updates >= total:
             progress.num_updates = progress.resumed_from = resume.updates
@@ -714,10 +731,10 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
         if progress.resumed_from is not None:
             metrics["resumed_from_update"] = float(progress.resumed_from)
         metric_name = headline_metric(cfg)
-        attn, _ = runtime.normalizer_options(cfg, "attention")
-        out, _ = runtime.normalizer_options(cfg, "output")
+        attn, _ = normalizer_options(cfg, "attention")
+        out, _ = normalizer_options(cfg, "output")
         assert clock is not None
-        result = runtime.RunResult(
+        result = RunResult(
             task=str(cfg.task),
             dataset=str(cfg.data.name),
             model=str(cfg.model.name),
@@ -732,7 +749,7 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
             metrics=dict(metrics),
             null_reasons=reasons,
         )
-        path = runtime.write_results(run_dir, result, cfg)
+        path = write_results(run_dir, result, cfg)
         clock.tick()
     if wandb_run is not None:
         wandb_run.summary.update({metric_name: result.metric_value, **result.metrics})
@@ -744,7 +761,7 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
         + f"{result.steps} updates | {result.wall_seconds:.0f} s -> {path}",
         flush=True,
     )
-    runtime.finish_wandb(wandb_run, result)
+    finish_wandb(wandb_run, result)
     return result
 
 
@@ -774,11 +791,11 @@ def train(
     run_dir: Path,
     resume: ResumePoint,
     progress: TrainProgress,
-    lock: runtime.RunLock | None,
+    lock: RunLock | None,
     distributed: bool,
 ) -> None:
     """``fairseq-train`` in a child process (holding the run directory's lock too); a stop
-    on purpose (non-finite loss, a killed worker) becomes :class:`runtime.RunStop`."""
+    on purpose (non-finite loss, a killed worker) becomes :class:`RunStop`."""
     save_dir = run_dir / CHECKPOINT_DIR
     args = train_args(cfg, save_dir)
     if resume.restore_file is not None:
@@ -817,27 +834,27 @@ _KILLED_WORKER = ("terminated with signal", "ProcessExitedException", "Connectio
 
 def training_stop(
     err: StageFailed, reports: Mapping[str, Any], progress: TrainProgress, save_dir: Path
-) -> runtime.RunStop | None:
+) -> RunStop | None:
     """The one-line stop for a training child that ended on purpose or was killed; None
     for any other failure (a bug: its traceback is the useful message)."""
     where = f"update {progress.num_updates}"
-    if err.code == runtime.STOP_EXIT_CODE and "non_finite" in reports:
+    if err.code == STOP_EXIT_CODE and "non_finite" in reports:
         info = reports["non_finite"]
         done = info.get("updates_done")
         update = f"update {done + 1}" if done is not None else f"an update after {where}"
-        return runtime.RunStop(
+        return RunStop(
             f"training stopped: the loss or its gradients became NaN/Inf at {update} "
             f"(fairseq: {info.get('error')}); {_last_good(save_dir)}. Try a lower train.lr, "
             "gradient clipping (train.clip_norm=1.0) or train.precision=fp32; then "
-            f"{runtime.resume_hint(progress.run_dir)} (details: {err.log_path})",
-            runtime.STOP_EXIT_CODE,
+            f"{resume_hint(progress.run_dir)} (details: {err.log_path})",
+            STOP_EXIT_CODE,
         )
     tail = "\n".join(err.tail)
     if err.code < 0 or any(mark in tail for mark in _KILLED_WORKER):
         how = f"killed by {signal.Signals(-err.code).name}" if err.code < 0 else "a worker died"
-        return runtime.RunStop(
+        return RunStop(
             f"training stopped after {where}: {how}; {_last_good(save_dir)}; "
-            f"{runtime.resume_hint(progress.run_dir)} (details: {err.log_path})",
+            f"{resume_hint(progress.run_dir)} (details: {err.log_path})",
             1,
         )
     return None
@@ -877,7 +894,7 @@ def evaluate_translation(
     if tok_bleu is not None:
         scores["tokenized_bleu"] = tok_bleu
     if cfg.data.get("compound_split_bleu"):  # fairseq's scripts/compound_split_bleu.sh
-        from experiments.data.translation_text import compound_split_bleu
+        from experiments.pipelines.fairseq.translation_text import compound_split_bleu
 
         ids = sorted(hyps)
         scores["compound_split_bleu"] = compound_split_bleu(
@@ -917,7 +934,7 @@ def dry_run(cfg: DictConfig, run_dir: Path):
     if present is None:  # random tokens over dictionaries of the published sizes
         raw = cfg.data.get("dry_run_vocab")
         if raw is None:
-            from experiments.data.fairseq_corpora import require_prepared
+            from experiments.pipelines.fairseq.corpora import require_prepared
 
             require_prepared(cfg.data)
         vocab = {"size": int(raw)} if isinstance(raw, int) else _container(raw)

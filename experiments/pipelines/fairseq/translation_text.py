@@ -145,7 +145,7 @@ def learn_bpe(train_text: str | Path, codes: str | Path, num_symbols: int, worke
     subword-nmt's own progress bar over the merges shows only with ``verbose=true``."""
     from subword_nmt.learn_bpe import learn_bpe as subword_learn_bpe
 
-    from experiments.runtime import verbose
+    from experiments.core.console import verbose
 
     with (
         open(train_text, encoding="utf-8") as infile,

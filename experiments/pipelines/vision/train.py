@@ -30,8 +30,29 @@ from torch import Tensor, nn
 
 import multimax
 import multimax.integrations.timm  # noqa: F401 - registers the DeiT-GAP models
-from experiments import runtime
-from experiments.vision_data import (
+from experiments.core.console import dry_run_report
+from experiments.core.errors import STOP_EXIT_CODE, ConfigError
+from experiments.core.io import atomic_write_text
+from experiments.core.results import RESULTS_FILE, RunResult, write_results
+from experiments.core.rundir import (
+    CHECKPOINT_LAST,
+    CHECKPOINT_PREVIOUS,
+    RunClock,
+    RunLock,
+    finished_result,
+    load_checkpoint,
+    resume_hint,
+    save_checkpoint,
+    trim_metrics_log,
+)
+from experiments.core.setup import (
+    DistributedContext,
+    init_distributed,
+    normalizer_options,
+    seed_everything,
+)
+from experiments.core.tracking import WANDB_ID_FILE, finish_wandb, init_wandb, log_metrics
+from experiments.pipelines.vision.data import (
     DataLayoutError,
     VisionData,
     build_data,
@@ -42,7 +63,7 @@ from experiments.vision_data import (
 from multimax.integrations.timm import GapVisionTransformer
 
 RESOLVED_CONFIG = "resolved_config.yaml"
-STOP_EXIT_CODE = runtime.STOP_EXIT_CODE
+STOP_EXIT_CODE = STOP_EXIT_CODE
 
 
 class NonFiniteLoss(RuntimeError):
@@ -54,8 +75,8 @@ class NonFiniteLoss(RuntimeError):
 
 def build_model(cfg: DictConfig) -> GapVisionTransformer:
     """The configured timm model (registered by ``multimax.integrations.timm``)."""
-    attn, attn_options = runtime.normalizer_options(cfg, "attention")
-    out, out_options = runtime.normalizer_options(cfg, "output")
+    attn, attn_options = normalizer_options(cfg, "attention")
+    out, out_options = normalizer_options(cfg, "output")
     return timm.create_model(
         cfg.model.name,
         num_classes=int(cfg.data.num_classes),
@@ -119,12 +140,12 @@ def build_loss(cfg: DictConfig, model: GapVisionTransformer, mixup: bool) -> nn.
     )
 
 
-def resolve_device(cfg: DictConfig, ctx: runtime.DistributedContext) -> torch.device:
+def resolve_device(cfg: DictConfig, ctx: DistributedContext) -> torch.device:
     choice = cfg.trainer.device
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise runtime.ConfigError(
+        raise ConfigError(
             "trainer.device=cuda: no CUDA device is visible; use trainer.device=auto or cpu"
         )
     return ctx.device
@@ -159,13 +180,13 @@ class Parts:
 
 def build_parts(
     cfg: DictConfig,
-    ctx: runtime.DistributedContext,
+    ctx: DistributedContext,
     synthetic: bool = False,
     batch_per_process: int | None = None,
     num_workers: int | None = None,
 ) -> Parts:
     device = resolve_device(cfg, ctx)
-    runtime.seed_everything(int(cfg.seed))  # identical initial weights on every process
+    seed_everything(int(cfg.seed))  # identical initial weights on every process
     model = build_model(cfg).to(device)
     data = build_data(cfg, ctx, synthetic, batch_per_process, num_workers)
     optimizer = build_optimizer(cfg, model)
@@ -216,7 +237,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % 2**31
 
 
-def gather(obj: Any, ctx: runtime.DistributedContext) -> list:
+def gather(obj: Any, ctx: DistributedContext) -> list:
     if not ctx.is_distributed:
         return [obj]
     out: list = [None] * ctx.world_size
@@ -238,7 +259,7 @@ def save_state(
     rngs = gather(rng_state(), ctx)
     if not ctx.is_main:
         return
-    id_file = run_dir / runtime.WANDB_ID_FILE
+    id_file = run_dir / WANDB_ID_FILE
     state = {
         "model": parts.model.state_dict(),
         "ema": parts.ema.state_dict() if parts.ema is not None else None,
@@ -253,11 +274,11 @@ def save_state(
         "world_size": ctx.world_size,
         "wandb_run_id": id_file.read_text().strip() if id_file.exists() else None,
     }
-    runtime.save_checkpoint(state, run_dir)
+    save_checkpoint(state, run_dir)
 
 
 def load_state(parts: Parts, ctx, run_dir: Path) -> dict | None:
-    state = runtime.load_checkpoint(run_dir, map_location="cpu")
+    state = load_checkpoint(run_dir, map_location="cpu")
     if state is None:
         return None
     parts.model.load_state_dict(state["model"])
@@ -279,7 +300,7 @@ def resumed_rng(state: dict | None, ctx) -> dict | None:
         f"[rank {ctx.rank}] resuming mid-epoch with {ctx.world_size} processes from a checkpoint "
         f"of {state.get('world_size')}: this epoch's random streams are re-seeded"
     )
-    runtime.seed_everything(epoch_seed(int(state["step"]), state["sampler"]["epoch"], ctx.rank))
+    seed_everything(epoch_seed(int(state["step"]), state["sampler"]["epoch"], ctx.rank))
     return None
 
 
@@ -366,10 +387,10 @@ def train_step(parts: Parts, cfg: DictConfig, images: Tensor, targets: Tensor, s
     return loss_value
 
 
-def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
+def train(cfg: DictConfig, run_dir: Path) -> RunResult | None:
     """Train (or resume) in ``run_dir``; returns the result (rank 0), or None when stopped
     early by ``trainer.stop_after_steps``."""
-    ctx = runtime.init_distributed()
+    ctx = init_distributed()
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
     run_dir = Path(run_dir)
@@ -381,7 +402,7 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
     data = parts.data
     seed = int(cfg.seed)
     epochs, total = int(cfg.trainer.epochs), int(cfg.trainer.epochs) * data.steps_per_epoch
-    finished = runtime.finished_result(run_dir, total)
+    finished = finished_result(run_dir, total)
     if finished is not None:
         if ctx.is_main:
             print(
@@ -389,18 +410,18 @@ def train(cfg: DictConfig, run_dir: Path) -> runtime.RunResult | None:
                 "steps): nothing to do. Give another hydra.run.dir=... for a new run."
             )
         return finished
-    lock = runtime.RunLock(run_dir) if ctx.is_main else None
+    lock = RunLock(run_dir) if ctx.is_main else None
     with lock or nullcontext():
         if ctx.is_main:
             config = OmegaConf.to_yaml(cfg, resolve=True)
-            runtime.atomic_write_text(run_dir / RESOLVED_CONFIG, config)
+            atomic_write_text(run_dir / RESOLVED_CONFIG, config)
         return _train(cfg, run_dir, ctx, parts, seed, epochs, total)
 
 
 def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs: int, total: int):
     data = parts.data
     had_checkpoint = any(
-        (run_dir / name).exists() for name in (runtime.CHECKPOINT_LAST, runtime.CHECKPOINT_PREVIOUS)
+        (run_dir / name).exists() for name in (CHECKPOINT_LAST, CHECKPOINT_PREVIOUS)
     )
     state = load_state(parts, ctx, run_dir)
     resume_rng = resumed_rng(state, ctx)
@@ -412,10 +433,10 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
             print(f"resuming from {run_dir} at step {step} (epoch {epoch}, batch {batches_done})")
     elif had_checkpoint and ctx.is_main:
         print(f"no readable checkpoint in {run_dir}: starting over from step 0")
-    clock = runtime.RunClock(run_dir, start_over=state is None) if ctx.is_main else None
+    clock = RunClock(run_dir, start_over=state is None) if ctx.is_main else None
     if ctx.is_main:
-        runtime.trim_metrics_log(run_dir, step)
-    wandb_run = runtime.init_wandb(cfg, run_dir) if ctx.is_main else None
+        trim_metrics_log(run_dir, step)
+    wandb_run = init_wandb(cfg, run_dir) if ctx.is_main else None
     stop_after = cfg.trainer.stop_after_steps
     stop_at = step + int(stop_after) if stop_after is not None else None
     every_ckpt, every_log = (
@@ -429,8 +450,8 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
     if ctx.is_main:
         print(
             f"training {cfg.model.name} ({sum(p.numel() for p in parts.model.parameters()):,} "
-            f"parameters; attention {runtime.normalizer_options(cfg)[0]}, output "
-            f"{runtime.normalizer_options(cfg, 'output')[0]}) on {data.train_size:,} images, "
+            f"parameters; attention {normalizer_options(cfg)[0]}, output "
+            f"{normalizer_options(cfg, 'output')[0]}) on {data.train_size:,} images, "
             f"{epochs} epochs x {data.steps_per_epoch} steps, {ctx.world_size} process(es) on "
             f"{parts.device.type}, global batch {data.batch_per_process * ctx.world_size}"
         )
@@ -438,7 +459,7 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
     try:
         while epoch < epochs:
             if batches_done == 0:
-                runtime.seed_everything(epoch_seed(seed, epoch, ctx.rank))
+                seed_everything(epoch_seed(seed, epoch, ctx.rank))
             data.sampler.start(epoch, batches_done * data.batch_per_process)
             batches = iter(data.train_loader)
             if resume_rng is not None:  # after iter(): creating it draws a seed
@@ -465,7 +486,7 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
                             f"lr {lr:.2e} {rate:,.0f} img/s eta {_duration(eta)}",
                             flush=True,
                         )
-                        runtime.log_metrics(
+                        log_metrics(
                             run_dir,
                             step,
                             {"train_loss": loss, "lr": lr, "images_per_s": rate, "epoch": epoch},
@@ -486,9 +507,7 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
                                 f"top5 {metrics['top5']:.2f} val_loss {metrics['val_loss']:.4f}",
                                 flush=True,
                             )
-                            runtime.log_metrics(
-                                run_dir, step, {**metrics, "epoch": epoch + 1}, wandb_run
-                            )
+                            log_metrics(run_dir, step, {**metrics, "epoch": epoch + 1}, wandb_run)
                     epoch, batches_done = epoch + 1, 0
                 if epoch_end or step % every_ckpt == 0 or step == stop_at:
                     save_state(parts, ctx, run_dir, epoch, batches_done, step, best, metrics)
@@ -500,16 +519,16 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
                     if ctx.is_main:
                         print(
                             f"stopped after {stop_after} steps (trainer.stop_after_steps) at step "
-                            f"{step}; {runtime.resume_hint(run_dir)}"
+                            f"{step}; {resume_hint(run_dir)}"
                         )
-                    runtime.finish_wandb(wandb_run)
+                    finish_wandb(wandb_run)
                     return None
                 if epoch_end:
                     break
     except NonFiniteLoss as err:
         if ctx.is_main:
             print(f"ERROR: {err}; run dir {run_dir}", flush=True)
-        runtime.finish_wandb(wandb_run)
+        finish_wandb(wandb_run)
         raise
     if not ctx.is_main:
         return None
@@ -517,12 +536,12 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
     mean_rate = train_images / train_seconds if train_seconds > 0 else float("nan")
     reasons = {} if train_seconds > 0 else {"train_images_per_s": "no training step in this run"}
     attn_paths = ", ".join(parts.model.attention_paths()) or "unknown"
-    result = runtime.RunResult(
+    result = RunResult(
         task="image_classification",
         dataset=str(cfg.data.name),
         model=str(cfg.model.name),
-        normalizer=runtime.normalizer_options(cfg, "attention")[0],
-        output_normalizer=runtime.normalizer_options(cfg, "output")[0],
+        normalizer=normalizer_options(cfg, "attention")[0],
+        output_normalizer=normalizer_options(cfg, "output")[0],
         seed=seed,
         metric_name="top1",
         metric_value=float(metrics.get("top1", float("nan"))),
@@ -532,14 +551,14 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
         metrics={**metrics, "best_top1": best["top1"], "train_images_per_s": mean_rate},
         null_reasons=reasons,
     )
-    runtime.write_results(run_dir, result, cfg)
+    write_results(run_dir, result, cfg)
     clock.tick()
     if wandb_run is not None:
         wandb_run.summary.update({**result.metrics, "attention_path": attn_paths})
-    runtime.finish_wandb(wandb_run, result)
+    finish_wandb(wandb_run, result)
     print(
         f"done: top1 {result.metric_value:.2f} top5 {metrics.get('top5', float('nan')):.2f} "
-        f"in {_duration(wall)}, {mean_rate:,.0f} train img/s -> {run_dir / runtime.RESULTS_FILE}"
+        f"in {_duration(wall)}, {mean_rate:,.0f} train img/s -> {run_dir / RESULTS_FILE}"
         f" | attention path: {attn_paths}"
     )
     return result
@@ -550,13 +569,13 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
 
 def dry_run(cfg: DictConfig) -> str:
     """Build the configured model / optimiser / data pipeline, time two training steps on this
-    device, and print what the full schedule would cost (``experiments.runtime.dry_run_report``).
+    device, and print what the full schedule would cost (``experiments.core.console.dry_run_report``).
 
     Without torchrun the job is assumed to run on ``trainer.dry_run_world_size`` devices of
     this kind, each with batch ``trainer.batch_size / world``; on a CPU the step is measured
     at ``trainer.dry_run_cpu_batch`` images and scaled linearly to that batch.
     """
-    ctx = runtime.init_distributed()
+    ctx = init_distributed()
     world = ctx.world_size if ctx.is_distributed else int(cfg.trainer.dry_run_world_size)
     per_device = per_process_batch(int(cfg.trainer.batch_size), world)
     device = resolve_device(cfg, ctx)
@@ -564,7 +583,7 @@ def dry_run(cfg: DictConfig) -> str:
         per_device if device.type == "cuda" else min(per_device, int(cfg.trainer.dry_run_cpu_batch))
     )
     try:
-        from experiments.vision_data import ensure_data
+        from experiments.pipelines.vision.data import ensure_data
 
         ensure_data(cfg)
         synthetic = False
@@ -592,9 +611,9 @@ def dry_run(cfg: DictConfig) -> str:
     steps = int(cfg.trainer.epochs) * paper_steps_per_epoch(
         int(cfg.data.train_size), int(cfg.trainer.batch_size)
     )
-    text = runtime.dry_run_report(
+    text = dry_run_report(
         task=f"image_classification: {cfg.model.name}, attention "
-        f"{runtime.normalizer_options(cfg)[0]}, output {runtime.normalizer_options(cfg, 'output')[0]}"
+        f"{normalizer_options(cfg)[0]}, output {normalizer_options(cfg, 'output')[0]}"
         f", attention path {', '.join(parts.model.attention_paths())}",
         parameters=sum(p.numel() for p in parts.model.parameters()),
         items_per_step=int(cfg.trainer.batch_size),

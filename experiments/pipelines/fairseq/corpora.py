@@ -32,10 +32,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.data import translation_text as tt
-from experiments.runtime import RunStop
+from experiments.core.errors import RunStop
+from experiments.core.io import REPO_ROOT
+from experiments.pipelines.fairseq import translation_text as tt
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs" / "data"
 PREPARED_FILE = "PREPARED.json"
 SPLITS = ("train", "valid", "test")
@@ -239,7 +239,7 @@ def _generate_if_needed(cfg: DictConfig) -> None:
     gen = cfg.corpus.get("generate")
     if not gen:
         return
-    from experiments.data.smoke_corpora import GENERATORS
+    from experiments.pipelines.fairseq.smoke_corpora import GENERATORS
 
     out = Path(cfg.corpus.local_path)
     files = [out / f for f in dict(cfg.corpus.files).values()]

@@ -1,6 +1,6 @@
-"""The child-process side of ``experiments.fairseq_run``: one fairseq stage per process.
+"""The child-process side of ``experiments.pipelines.fairseq.run``: one fairseq stage per process.
 
-    python -m experiments.fairseq_worker STAGE ARGS...
+    python -m experiments.pipelines.fairseq.worker STAGE ARGS...
 
 ``train`` / ``generate`` / ``validate`` call fairseq's own ``cli_main`` with ARGS as their
 command line; ``score_lm`` scores the test split as ``fairseq-eval-lm`` does (same options,
@@ -11,7 +11,7 @@ updates; ``check_args`` parses a run's command lines with fairseq's own parsers.
 The process dies with its parent: the parent starts it as the leader of a new process group
 and it asks the kernel for SIGTERM when the parent dies (``PR_SET_PDEATHSIG``), on which it
 kills its whole group, fairseq's spawned GPU workers included. A non-finite loss ends it
-with exit code :data:`experiments.runtime.STOP_EXIT_CODE` and a report naming the update.
+with exit code :data:`experiments.core.errors.STOP_EXIT_CODE` and a report naming the update.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from experiments.runtime import STOP_EXIT_CODE
+from experiments.core.errors import STOP_EXIT_CODE
 
 REPORT_MARK = "@multimax@ "  # the child's report lines, told apart from fairseq's own output
 PARENT_PID_ENV = "MULTIMAX_PARENT_PID"
@@ -291,7 +291,7 @@ def dry_run(argv: list[str]) -> None:
     step_seconds = times[-1] * scale
     params = sum(p.numel() for p in model.parameters())
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    from experiments.runtime import dry_run_report
+    from experiments.core.console import dry_run_report
 
     world = int(extra.get("world_size", 1))
     with contextlib.redirect_stdout(io.StringIO()):

@@ -1,0 +1,81 @@
+"""Set-up every pipeline shares: seeding, the distributed context, and the normaliser
+options a config asks for."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Rank / world size from torchrun's (or SLURM's) environment; single-process otherwise."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+def init_distributed() -> DistributedContext:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistributedContext(rank, world_size, local_rank)
+
+
+def normalizer_options(cfg: DictConfig | Mapping, which: str = "attention") -> tuple[str, dict]:
+    """(name, options) for ``build_normalizer`` from ``cfg.normalizer`` and
+    ``cfg.model.output_normalizer``.
+
+    ``normalizer=NAME`` sets attention and output alike; ``model.output_normalizer=NAME``
+    sets the output layer apart (it then gets that normaliser's default options).
+    """
+    norm = (
+        OmegaConf.to_container(cfg["normalizer"], resolve=True)
+        if isinstance(cfg["normalizer"], DictConfig)
+        else dict(cfg["normalizer"])
+    )
+    name = norm.pop("name")
+    if which == "attention":
+        return name, norm
+    if which != "output":
+        raise ValueError(f"which must be 'attention' or 'output', got {which!r}")
+    model = cfg.get("model") or {}
+    out_name = model.get("output_normalizer") or name
+    return out_name, (norm if out_name == name else {})
