@@ -3,13 +3,13 @@
     attention(q, k, v, normalizer) = normalizer(q·kᵀ · scale, mask) · v
 
 σ-style transforms see the raw scaled scores; an additive mask is added *after* the
-transform (BRIEF §1) and its entries at or below ``MASKED_BIAS`` (−10⁴: ``-inf``, fairseq's
+transform and its entries at or below ``MASKED_BIAS`` (−10⁴: ``-inf``, fairseq's
 −1e8, ``finfo.min``) count as masked. Masked keys get exactly zero weight and a query row
 whose keys are all masked outputs zeros; inputs with no score at all (a batch, query or key
 length of 0) give the empty or zero output on every path.
 
-``attention`` picks an implementation from ``ATTENTION_PATHS`` (the first whose ``auto``
-test passes, unless ``impl`` names one):
+``attention`` picks an implementation from ``ATTENTION_PATHS`` (the first that can run and
+whose ``auto`` rule holds, unless ``impl`` names one):
 
 * ``sdpa``: PyTorch's fused kernels, softmax with a fixed temperature (plain softmax
   included): first, so softmax baselines run exactly what stock timm / fairseq run;
@@ -20,10 +20,13 @@ test passes, unless ``impl`` names one):
 * ``reference``: explicit N×M weights, every normaliser.
 
 ``inference`` and ``fused`` serve softmax-of-point-wise-σ normalisers (MultiMax, softmax
-with temperature); ``auto`` takes them when their kernels run compiled
-(:func:`multimax.fused.use_compiled_kernels`: large score tensors, or ``MULTIMAX_COMPILE=1``),
-since the uncompiled kernels are no faster than the reference. :func:`use_attention_impl`
-overrides ``"auto"`` for a block of code (benchmarks, debugging).
+with temperature). Every rule of the automatic choice is in this module, beside the
+registry (section "the auto rules"); :mod:`multimax.flex` and :mod:`multimax.fused` only
+say whether they can run. ``auto`` takes flex on CUDA only, and inference / fused only when
+their kernels run compiled (:func:`multimax.compile_policy.use_compiled_kernels`: large
+score tensors, or ``MULTIMAX_COMPILE=1``), since the uncompiled kernels are no faster than
+the reference. :func:`use_attention_impl` overrides ``"auto"`` for a block of code
+(benchmarks, debugging).
 """
 
 from __future__ import annotations
@@ -38,15 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compile_policy import use_compiled_kernels
 from .flex import flex_can_run, flex_sigma_attention
-from .fused import (
-    TensorCache,
-    fused_attention,
-    num_scores,
-    pointwise_sigma,
-    use_compiled_kernels,
-)
+from .fused import fused_attention
 from .normalizers import MASKED_BIAS, Normalizer, Softmax, build_normalizer
+from .sigma import pointwise_sigma
+from .tensor_cache import TensorCache
+from .tiling import num_scores
 
 
 @dataclass(frozen=True)
@@ -223,10 +224,24 @@ def _fused(inputs: AttentionInputs) -> Tensor:
     )
 
 
-def _compiled_kernels(inputs: AttentionInputs) -> bool:
+# --- the auto rules ------------------------------------------------------------------------
+# ``impl="auto"`` takes the first registered path whose ``can_run`` and ``auto`` both hold;
+# inputs with no score at all take the reference (see ``attention``).
+
+
+def _auto_flex(inputs: AttentionInputs) -> bool:
+    """On CUDA only: its flash kernel is the point; on the CPU FlexAttention has no
+    backward, so it is taken there only when forced."""
+    return inputs.q.is_cuda
+
+
+def _auto_compiled(inputs: AttentionInputs) -> bool:
+    """Only when the point-wise kernels run compiled: uncompiled they are no faster than
+    the reference."""
     return use_compiled_kernels(inputs.num_scores)
 
 
+# In auto order: SDPA first, so softmax baselines run exactly what stock timm / fairseq run.
 register_attention_path(
     AttentionPath("sdpa", _sdpa_can_run, _sdpa, "torch SDPA (fixed-temperature softmax)")
 )
@@ -236,7 +251,7 @@ register_attention_path(
         _flex_can_run,
         _flex,
         "FlexAttention, σ as score_mod (CUDA; CPU forward only), no dropout",
-        auto=lambda inputs: inputs.q.is_cuda,
+        auto=_auto_flex,
     )
 )
 register_attention_path(
@@ -245,7 +260,7 @@ register_attention_path(
         lambda inputs: _pointwise(inputs) and not inputs.needs_grad,
         _fused,
         "σ fused into softmax, nothing saved (no gradients; point-wise σ)",
-        auto=_compiled_kernels,
+        auto=_auto_compiled,
     )
 )
 register_attention_path(
@@ -254,7 +269,7 @@ register_attention_path(
         _pointwise,
         _fused,
         "fused σ + softmax with its own backward (point-wise σ)",
-        auto=_compiled_kernels,
+        auto=_auto_compiled,
     )
 )
 register_attention_path(

@@ -23,17 +23,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused import (
-    PointwiseSigma,
-    autocast_disabled,
-    autograd_backward,
-    kernel,
-    pointwise_sigma,
-    split_params,
-    upcast,
-    use_compiled_kernels,
-)
+from .compile_policy import kernel, use_compiled_kernels
+from .function_grads import autograd_backward, split_params
 from .normalizers import Normalizer
+from .precision import autocast_disabled, upcast
+from .sigma import PointwiseSigma, pointwise_sigma
 
 # Elements of one chunk (tokens × vocabulary): a few MiB, so chunk temporaries stay small.
 CHUNK_ELEMENTS = 1 << 21
@@ -154,7 +148,7 @@ def sigma_cross_entropy(
     """Per-token ``cross_entropy(σ(logits), target, label_smoothing)``, shape ``target.shape``,
     computed chunk by chunk (``chunk_rows`` tokens at a time; default ~2M entries a chunk).
 
-    ``compiled=None`` follows :func:`multimax.fused.use_compiled_kernels` on the logits' size.
+    ``compiled=None`` follows :func:`multimax.compile_policy.use_compiled_kernels` on the logits' size.
     """
     sigma: PointwiseSigma | None = pointwise_sigma(normalizer)
     if sigma is None:

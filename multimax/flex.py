@@ -2,14 +2,14 @@
 
 FlexAttention computes softmax(score_mod(q·kᵀ·scale)) · v blockwise; MultiMax's σ is a
 point-wise score modification, so ``score_mod(s) = σ(s) + bias`` is exactly the normaliser's
-transform followed by the additive mask (BRIEF §1). Boolean masks and causality become a
+transform followed by the additive mask (σ sees the raw scores, the mask comes after). Boolean masks and causality become a
 ``mask_mod`` / block mask, so masked keys get exactly zero weight and a query with no key
 returns zeros. σ's parameters are tensors captured by ``score_mod``; FlexAttention's backward
 (CUDA) returns their gradients.
 
-The kernel is compiled on CUDA (and on the CPU when compiled kernels are in use,
-:func:`multimax.fused.use_compiled_kernels`; forward only there) through
-:class:`multimax.fused.CompiledKernel`: one graph per input pattern with dynamic sizes, so
+The kernel is compiled as :func:`multimax.compile_policy.use_compiled_flex` says (on CUDA;
+on the CPU, forward only, for large inputs) through
+:class:`multimax.compile_policy.CompiledKernel`: one graph per input pattern with dynamic sizes, so
 batches of new lengths do not recompile, and eager FlexAttention (one warning) where a
 pattern does not compile. A block mask is built once per (sizes, mask) and reused by every
 layer that gets the same mask tensor; it broadcasts over batch and heads wherever the mask
@@ -21,20 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused import (
-    TensorCache,
-    attention_without_scores,
-    autocast_cast,
-    autocast_disabled,
-    compact_mask,
-    compile_available,
-    compile_policy,
-    kernel,
-    num_scores,
-    pointwise_sigma,
-    use_compiled_kernels,
-)
+from .compile_policy import kernel, use_compiled_flex
 from .normalizers import Normalizer
+from .precision import autocast_cast, autocast_disabled
+from .sigma import pointwise_sigma
+from .tensor_cache import TensorCache, compact_mask
+from .tiling import attention_without_scores, num_scores
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -109,14 +101,6 @@ def block_mask_for(keep: Tensor | None, is_causal: bool, q: Tensor, k: Tensor):
     return _BLOCK_MASKS.get([keep], (q.device, b, h, n, m, is_causal), build)
 
 
-def _compiled_flex(q: Tensor, k: Tensor) -> bool:
-    """Compile FlexAttention on CUDA (its point) unless compiling is off; on the CPU when
-    compiled kernels are in use for this size."""
-    if not compile_available() or compile_policy() == "never":
-        return False
-    return q.is_cuda or use_compiled_kernels(num_scores(q, k))
-
-
 def flex_sigma_attention(
     q: Tensor,
     k: Tensor,
@@ -126,11 +110,13 @@ def flex_sigma_attention(
     bias: Tensor | None = None,
     is_causal: bool = False,
     scale: float = 1.0,
+    compiled: bool | None = None,
 ) -> Tensor:
     """softmax(σ(q·kᵀ·scale) + bias) · v through FlexAttention; masked keys get zero weight.
 
     ``keep``: bool broadcastable to (B, H, N, M), True = keep; ``is_causal`` aligns the
-    diagonal to the end (query i sees keys j <= i + M − N), as the reference does. Under
+    diagonal to the end (query i sees keys j <= i + M − N), as the reference does.
+    ``compiled=None`` follows :func:`multimax.compile_policy.use_compiled_flex`. Under
     autocast q, k, v are cast as autocast casts a matrix product's inputs.
     """
     sigma = pointwise_sigma(normalizer)
@@ -139,7 +125,7 @@ def flex_sigma_attention(
     (q, k, v), autocast_on = autocast_cast(q, k, v)
     if autocast_on:
         with autocast_disabled(q.device.type):
-            return flex_sigma_attention(q, k, v, normalizer, keep, bias, is_causal, scale)
+            return flex_sigma_attention(q, k, v, normalizer, keep, bias, is_causal, scale, compiled)
     if num_scores(q, k) == 0:
         return attention_without_scores(q, k, v, sigma, sigma.params(normalizer), scale)
     if q.device.type != "cuda" and not torch.is_grad_enabled():
@@ -148,7 +134,8 @@ def flex_sigma_attention(
     params = tuple(p.to(torch.float32) for p in sigma.params(normalizer))
     bias = compact_mask(None if bias is None else bias.to(torch.float32), 4)
     block_mask = block_mask_for(keep, is_causal, q, k)
-    compiled = _compiled_flex(q, k)
+    if compiled is None:
+        compiled = use_compiled_flex(q.is_cuda, num_scores(q, k))
     if not compiled:
         import warnings
 

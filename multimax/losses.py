@@ -24,16 +24,16 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .chunked_loss import sigma_cross_entropy, supports_chunked
-from .fused import use_compiled_kernels
+from .compile_policy import use_compiled_kernels
 from .normalizers import (
     EVSOFTMAX_EPSILON,
     Normalizer,
-    _upcast,
     build_normalizer,
     entmax15_masked,
     evsoftmax_log_weights,
     sparsemax_masked,
 )
+from .precision import upcast
 
 _FY_ALPHA = {"sparsemax": 2.0, "entmax15": 1.5}
 
@@ -111,7 +111,7 @@ class NormalizerLoss(nn.Module):
 
     def training_logits(self, logits: Tensor) -> Tensor:
         """Scores whose softmax is the normaliser's training distribution (softmax family)."""
-        z = self.normalizer.transform(_upcast(logits))
+        z = self.normalizer.transform(upcast(logits))
         if self.normalizer.mapping == "evsoftmax":
             z = z + evsoftmax_log_weights(z, epsilon=EVSOFTMAX_EPSILON)
         return z
@@ -119,7 +119,7 @@ class NormalizerLoss(nn.Module):
     def soft_target_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Per-row loss against target distributions q of shape (..., V)."""
         vocab = logits.shape[-1]
-        z = _upcast(logits.reshape(-1, vocab))
+        z = upcast(logits.reshape(-1, vocab))
         q = target.reshape(-1, vocab).to(z.dtype)
         if self.label_smoothing > 0:
             q = q * (1 - self.label_smoothing) + self.label_smoothing / vocab
@@ -145,7 +145,7 @@ class NormalizerLoss(nn.Module):
         valid = t != self.ignore_index
         mapping = self.normalizer.mapping
         if mapping in _FY_ALPHA:
-            z = self.normalizer.transform(_upcast(z))
+            z = self.normalizer.transform(upcast(z))
             safe_t = torch.where(valid, t, torch.zeros_like(t))
             q = F.one_hot(safe_t, vocab).to(z.dtype)
             if self.label_smoothing > 0:

@@ -11,37 +11,27 @@ modes keep mass). Any order K >= 1 is allowed; the paper uses K = 1 and K = 2.
 MultiMax V2 (the authors' repository, 2026) puts a learned affine map before a first-order σ:
 
     h = t·x + b  (scalars t, b; init t = 1, b = 0),   MultiMaxV2(x) = softmax(σ₁(h))
+
+σ itself (:func:`modulate`, :func:`modulate_v2`) and its derivative are written once, in
+:mod:`multimax.sigma`; the modules here own the parameters and differentiate σ with autograd.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .normalizers import NORMALIZERS, Normalizer
+from .normalizers import NORMALIZERS, Normalizer, softmax_masked
+from .precision import upcast
+from .sigma import (
+    MULTIMAX_V2_SIGMA,
+    modulate,
+    modulate_v2,
+    multimax_sigma,
+    register_pointwise_sigma,
+)
 
 INIT_STD = 0.02
-
-
-def modulate(
-    x: Tensor,
-    low_threshold: Tensor,
-    high_threshold: Tensor,
-    low_coef: Tensor,
-    high_coef: Tensor,
-) -> Tensor:
-    """σ(x), applied entry-wise; the four parameter vectors have shape (K,)."""
-    order = low_threshold.shape[0]
-    out = x
-    for k in range(order):
-        low = F.relu(low_threshold[k] - x)
-        high = F.relu(x - high_threshold[k])
-        if k > 0:
-            low = low.pow(k + 1)
-            high = high.pow(k + 1)
-        out = out + low_coef[k] * low + high_coef[k] * high
-    return out
 
 
 def multimax(
@@ -54,23 +44,8 @@ def multimax(
     dim: int = -1,
 ) -> Tensor:
     """MultiMax(x) = softmax(σ(x)) along ``dim``, with the parameters held by the caller."""
-    from .normalizers import _upcast, softmax_masked
-
-    h = modulate(_upcast(x), low_threshold, high_threshold, low_coef, high_coef)
+    h = modulate(upcast(x), low_threshold, high_threshold, low_coef, high_coef)
     return softmax_masked(h, mask, dim).to(x.dtype)
-
-
-def modulate_v2(
-    x: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    low_threshold: Tensor,
-    high_threshold: Tensor,
-    low_coef: Tensor,
-    high_coef: Tensor,
-) -> Tensor:
-    """MultiMax V2's σ₁(t·x + b), entry-wise; ``scale`` = t and ``shift`` = b have shape (1,)."""
-    return modulate(scale[0] * x + shift[0], low_threshold, high_threshold, low_coef, high_coef)
 
 
 @NORMALIZERS.register("multimax")
@@ -147,3 +122,9 @@ class MultiMaxV2(MultiMax):
 
     def extra_repr(self) -> str:
         return "affine t·x + b, then first-order σ"
+
+
+register_pointwise_sigma(MultiMax, lambda n: multimax_sigma(n.order))
+register_pointwise_sigma(MultiMaxV2, lambda n: MULTIMAX_V2_SIGMA)
+
+__all__ = ["INIT_STD", "MultiMax", "MultiMaxV2", "modulate", "modulate_v2", "multimax"]

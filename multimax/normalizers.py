@@ -7,7 +7,7 @@ Every normaliser is two steps, applied along ``dim``:
    (softmax, sparsemax, 1.5-entmax, evidential softmax).
 
 ``bias`` (an additive attention mask or position bias) is added between the two steps, so σ
-sees the raw scores (BRIEF §1). ``mask`` is boolean, ``True`` = keep; masked entries get
+sees the raw scores. ``mask`` is boolean, ``True`` = keep; masked entries get
 exactly zero and a row with every entry masked returns zeros, never NaN. Half-precision
 inputs are computed in float32 and returned in their own dtype.
 
@@ -25,6 +25,14 @@ import entmax
 import torch
 from torch import Tensor, nn
 
+from .precision import upcast
+from .sigma import (
+    IDENTITY_SIGMA,
+    TEMPERATURE_SIGMA,
+    divide_by_temperature,
+    register_pointwise_sigma,
+)
+
 # A masked entry is moved this far below the row's largest kept score before the mapping.
 # Any margin > 2 gives an exact zero under sparsemax (threshold >= max - 1) and 1.5-entmax
 # (threshold >= max/2 - 1); exp(-1e4) underflows to exactly 0 in float32 for softmax.
@@ -37,10 +45,6 @@ _MASK_MARGIN = 1.0e4
 MASKED_BIAS = -1.0e4
 
 EVSOFTMAX_EPSILON = 1.0e-6
-
-
-def _upcast(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _fill_masked(x: Tensor, keep: Tensor, dim: int) -> Tensor:
@@ -143,9 +147,9 @@ class Normalizer(nn.Module):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, dim: int = -1, bias: Tensor | None = None
     ) -> Tensor:
-        h = self.transform(_upcast(x))
+        h = self.transform(upcast(x))
         if bias is not None:
-            h = h + _upcast(bias)
+            h = h + upcast(bias)
         return self.map_to_simplex(h, mask, dim).to(x.dtype)
 
 
@@ -178,10 +182,15 @@ class Softmax(Normalizer):
     def transform(self, x: Tensor) -> Tensor:
         if self.is_plain_softmax:
             return x
-        return x / self.temperature.to(x.dtype)
+        return divide_by_temperature(x, self.log_temperature)
 
     def extra_repr(self) -> str:
         return f"temperature={self._fixed_temperature}, learn_temperature={self.learn_temperature}"
+
+
+register_pointwise_sigma(
+    Softmax, lambda n: IDENTITY_SIGMA if n.is_plain_softmax else TEMPERATURE_SIGMA
+)
 
 
 class Sparsemax(Normalizer):

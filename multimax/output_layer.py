@@ -15,7 +15,7 @@ gradients are formed in the forward itself, chunk by chunk (three matrix product
 gradient; for per-token losses (``reduction="none"``) the backward recomputes each chunk's
 z (one more product), and so does float16 (the loss scale must reach g before it is
 rounded). The point-wise work (σ, the row's log-sum-exp, g, σ's parameter sums)
-is one kernel per chunk, compiled like the attention kernels (:mod:`multimax.fused`), in
+is one kernel per chunk, compiled like the attention kernels (:mod:`multimax.compile_policy`), in
 float32 (float64 stays float64); the products run in the inputs' dtype (bfloat16 / float16
 as autocast would run ``linear``), g is rounded to it once, and W's and b's gradients add up
 over chunks in float32. A second derivative (``create_graph=True``) differentiates the plain
@@ -30,17 +30,11 @@ import torch
 from torch import Tensor
 
 from .chunked_loss import sigma_ce_terms, softmax_minus_target
-from .fused import (
-    PointwiseSigma,
-    autocast_disabled,
-    autograd_backward,
-    kernel,
-    pointwise_sigma,
-    split_params,
-    upcast,
-    use_compiled_kernels,
-)
+from .compile_policy import kernel, use_compiled_kernels
+from .function_grads import autograd_backward, split_params
 from .normalizers import Normalizer
+from .precision import autocast_disabled, upcast
+from .sigma import PointwiseSigma, pointwise_sigma
 
 # Logits per chunk (tokens × vocabulary), and the fewest tokens a chunk takes: matrix
 # products with fewer rows stream W once per few rows and run well below the BLAS's speed.
@@ -264,7 +258,7 @@ def linear_sigma_cross_entropy(
 
     hidden (..., d), weight (V, d), bias (V,) or None, target (...) integers. Gradients reach
     hidden, weight, bias and σ's parameters. ``compiled=None`` follows
-    :func:`multimax.fused.use_compiled_kernels` on the number of logits. Under autocast the
+    :func:`multimax.compile_policy.use_compiled_kernels` on the number of logits. Under autocast the
     products run in the autocast dtype, as ``linear`` would.
     """
     sigma: PointwiseSigma | None = pointwise_sigma(normalizer)

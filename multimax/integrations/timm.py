@@ -58,7 +58,7 @@ MODEL_NAMES = (
 
 def _build(spec: str | Normalizer | None, options: Mapping[str, Any] | None) -> Normalizer:
     """A fresh normaliser per call: a name is built, an instance is a template and deep-copied
-    (each layer owns its σ, as BRIEF §1 asks; a shared instance would tie them)."""
+    (each layer learns its own σ; a shared instance would tie them)."""
     if isinstance(spec, Normalizer):
         if options:
             raise ValueError(

@@ -5,7 +5,7 @@ same incremental-state layout (``prev_key`` / ``prev_value``: (B, H, S, D),
 ``prev_key_padding_mask``: (B, S)), so fairseq's beam search reorders the cache with the
 inherited ``reorder_incremental_state``. Masks keep fairseq's meaning: ``key_padding_mask``
 is 1 / True at padding; ``attn_mask`` (T, S) is additive (float, ``-inf`` = masked, added
-*after* the normaliser's transform, BRIEF §1) or boolean / byte with True = masked. fairseq's
+*after* the normaliser's transform) or boolean / byte with True = masked. fairseq's
 future mask (``triu(-inf, 1)``) is recognised and passed on as ``is_causal=True`` so that
 the fastest path that supports causality can run.
 """
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import multimax
 from multimax import Normalizer
-from multimax.fused import TensorCache
+from multimax.tensor_cache import TensorCache
 
 from .optim import exempt_from_weight_decay
 

@@ -7,7 +7,7 @@ of the same name, plus the plugin's options (``options.py``) defaulting to softm
 Both models remember the update count fairseq hands them (``set_num_updates``), and apply
 ``--output-sigma-grad-scale``: the output σ's gradient grows like √V (a sum over the whole
 vocabulary), so under global ``--clip-norm`` it dominates the norm and shrinks the
-backbone's steps; ``inv_sqrt_vocab`` multiplies it by 1/√V (the authors' practice, BRIEF §6).
+backbone's steps; ``inv_sqrt_vocab`` multiplies it by 1/√V (the authors' practice).
 Adam's step is invariant to that scale, so only the clipping changes.
 """
 

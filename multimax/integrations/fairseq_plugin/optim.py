@@ -1,5 +1,5 @@
 """``--optimizer multimax_adam``: fairseq's Adam with normaliser parameters (σ scalars,
-learned temperatures) in a group of their own without weight decay (BRIEF §1).
+learned temperatures) in a group of their own without weight decay (decay would pull σ towards the identity).
 
 fairseq's optimisers receive a flat list of parameters, without names. The plugin marks the
 parameters of every normaliser it builds with fairseq's own per-parameter mechanism,

@@ -11,7 +11,7 @@
 
 A normaliser option goes to every normaliser that accepts it (``order`` to MultiMax,
 ``temperature`` / ``learn_temperature`` to softmax), in attention and output alike; this is
-``experiments.runtime.normalizer_options``'s rule too (an output normaliser of another kind gets
+``experiments.core.setup.normalizer_options``'s rule too (an output normaliser of another kind gets
 its own defaults).
 """
 
@@ -144,7 +144,7 @@ def normalizer_cli_args(
     attention_impl: str = "auto",
 ) -> list[str]:
     """``fairseq-train`` flags for the given normalisers, e.g. from
-    ``experiments.runtime.normalizer_options(cfg, "attention" | "output")``.
+    ``experiments.core.setup.normalizer_options(cfg, "attention" | "output")``.
 
     >>> normalizer_cli_args("multimax", {"order": 1}, "softmax", {})
     ['--attn-normalizer', 'multimax', '--output-normalizer', 'softmax', '--multimax-order', '1', ...]
