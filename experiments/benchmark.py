@@ -12,19 +12,20 @@ for the output layer, the softmax model for training steps. Writes
 ``results/speed_cpu.md`` (``speed_gpu.md`` on a GPU) and the run's ``results.json``. Peak
 memory: on the CPU the high-water mark of live bytes in torch's CPU allocator during one
 call, from ``torch.profiler`` memory events (inputs excluded); on a GPU
-``torch.cuda.max_memory_allocated`` over the call.
+``torch.cuda.max_memory_allocated`` over the call. ``main`` returns MultiMax (auto) over
+SDPA, fwd+bwd at the DeiT-small shape (lower is better: ``hydra.sweeper.direction=minimize``).
 """
 
 import hydra
 from omegaconf import DictConfig
 
 from experiments.config import check  # noqa: F401 - registers the --help resolver
-from experiments.pipelines.benchmark.measure import run
+from experiments.pipelines.benchmark.run import run
 
 
 @hydra.main(config_path="../configs", config_name="benchmark", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> float:
+    return run(cfg)
 
 
 if __name__ == "__main__":

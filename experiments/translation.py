@@ -1,4 +1,4 @@
-"""IWSLT'14 De-En and WMT'14 En-De translation through fairseq (BRIEF §2).
+"""IWSLT'14 De-En and WMT'14 En-De translation through fairseq.
 
     python -m experiments.translation experiment=mt_iwslt14_deen|mt_wmt14_ende [profile=smoke]
         [normalizer=multimax] [model.output_normalizer=softmax] [hydra.run.dir=DIR]
@@ -9,18 +9,25 @@ sacrebleu and fairseq's tokenised BLEU; rerunning with the same ``hydra.run.dir`
 ``dry_run=true`` builds the model and optimiser and times two updates instead.
 """
 
+from __future__ import annotations
+
 import hydra
 from omegaconf import DictConfig
 
 from experiments.config import check  # noqa: F401 - registers the --help resolver
+from experiments.core.results import RunResult
 from experiments.core.rundir import stops_cleanly
 from experiments.pipelines.fairseq import run as fairseq_run
+from experiments.pipelines.fairseq.evaluate import evaluate_translation
 
 
 @hydra.main(config_path="../configs", config_name="translation", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """The run's headline metric (``metric_value`` of ``results.json``): the objective a
+    Hydra sweeper (e.g. Optuna) optimises; None for a dry run or a rank other than 0."""
     with stops_cleanly():
-        fairseq_run.run(cfg, fairseq_run.evaluate_translation)
+        result = fairseq_run.run(cfg, evaluate_translation)
+    return result.metric_value if isinstance(result, RunResult) else None
 
 
 if __name__ == "__main__":

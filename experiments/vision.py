@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 -m experiments.vision experiment=deit_small_imagenet
     python -m experiments.vision experiment=deit_small_imagenet dry_run=true
 
-Compose config -> build parts (``experiments.pipelines.vision.train``) -> train or resume in the Hydra
+Compose config -> build parts (``experiments.pipelines.vision.parts``) -> train or resume in the Hydra
 run dir -> ``results.json``. ``experiments.pipelines.vision.trained`` loads a finished run for analysis
 code (``multimax.record_attention()`` around a forward pass gives every layer's weights).
 """
@@ -18,15 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from experiments.config import check  # noqa: F401 - registers the --help resolver
+from experiments.core.errors import STOP_EXIT_CODE
 from experiments.core.results import RESULTS_FILE, read_results
 from experiments.core.rundir import hydra_run_dir, stops_cleanly
 from experiments.pipelines.vision.launch import run_workers, worker_command
-from experiments.pipelines.vision.train import (
-    STOP_EXIT_CODE,
-    NonFiniteLoss,
-    dry_run,
-    train,
-)
+from experiments.pipelines.vision.train import NonFiniteLoss, dry_run, train
 
 
 @hydra.main(config_path="../configs", config_name="vision", version_base=None)

@@ -1,4 +1,4 @@
-"""The simplex picture (BRIEF §2): every normaliser applied to one path of 3-element scores.
+"""The simplex picture: every normaliser applied to one path of 3-element scores.
 
 The path x(θ) = r·(cos θ, cos(θ − 2π/3), cos(θ + 2π/3)) visits every ordering of three
 scores: one clear winner (θ = 0, 2π/3, 4π/3) and two tied winners over a loser (θ = π/3, π,

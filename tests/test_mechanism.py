@@ -17,7 +17,6 @@ from hydra import compose, initialize_config_dir
 import multimax
 from experiments.core.results import METRICS_LOG, read_results
 from experiments.core.setup import normalizer_options
-from experiments.mechanism import normalizer_label
 from experiments.pipelines.mechanism.task import (
     RetrievalAttention,
     RetrievalTask,
@@ -28,6 +27,7 @@ from experiments.pipelines.mechanism.task import (
     residual_mass,
     sample_batch,
 )
+from experiments.pipelines.mechanism.train import normalizer_label
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_NORMALIZERS = [

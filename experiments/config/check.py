@@ -1,512 +1,85 @@
-"""The composed config of every app is checked before any work starts.
+"""The composed config of every app is checked before its work starts, under any sweeper.
 
-A Hydra callback (``hydra.callbacks.check_config`` in ``configs/suite.yaml``) runs
-:func:`problems` on the composed config before Hydra creates the run directory (and on
-every point of a sweep before its first job). A run is refused, with one line per problem
-naming the key, the bad value, what is allowed and the fix (``RunStop``, exit code
-2), when
+:func:`problems` gives one line per problem, naming the key, the bad value, what is allowed
+and the fix; a run with any is refused (``RunStop``, exit code 2) when
 
 * the experiment, data set or model belongs to another app (``experiment=lm_wikitext103``
-  given to ``experiments.vision``);
-* a key is one no config file of the app declares, so no code would read it
-  (``+optim.lr=1e6``): the declared keys are the union of the keys of the app's config files
-  (its primary config, ``suite.yaml``, its experiments and the group options it can select);
-* a value has another type than the declared one, or breaks one of :data:`RULES` (ranges
-  and choices: ``trainer.epochs=0``, ``optim.lr_base=-0.003``,
+  given to ``experiments.vision``): experiments name their app in ``registry.app``, data and
+  model options in ``kind:`` (:mod:`experiments.config.options`);
+* the app's schema (:mod:`experiments.config.schemas`) refuses it: a key no code reads
+  (``+optim.lr=1e6``), a type, a range or a choice (``trainer.epochs=0``,
   ``model.output_normalizer=sparsmax``, ``train.lr=-1``);
-* a fairseq option the config files do not declare (``+train.max_epoch=2``) is unknown to
-  fairseq or has a value fairseq's parser refuses: those are checked by fairseq's own
-  parser in a short child process (``experiments.pipelines.fairseq.worker check_args``), since
-  importing fairseq here would shadow our configs in Hydra's ConfigStore.
+* fairseq's own parser refuses a fairseq option the overrides set and the schema does not
+  type (``+train.max_epochs=2``), or a fairseq choice they set (``model.arch=...``); it runs
+  in a short child process (importing fairseq here would shadow our configs in Hydra's
+  ConfigStore).
 
-The same callback keeps the ``.hydra/`` record of an existing run directory as its first
+The Hydra callback ``hydra.callbacks.check_config`` (``configs/suite.yaml``) checks a single
+run before Hydra creates its run directory. A sweep is checked by each job at its start,
+whatever the sweeper (basic, Optuna, ...) made of it: a bad job stops the sweep with one
+line. Before the first job, each value of each swept key (Hydra's own override grammar:
+both ends of an ``interval``) is checked once, with the other keys at their first value, so
+a typo or an out-of-range value stops a sweep before it spends anything.
+
+The callback also keeps the ``.hydra/`` record of an existing run directory as its first
 invocation wrote it, and sets the project's output (``configure_output``).
 """
 
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import json
-import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from functools import cache
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep, Override
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
+from experiments.config import options
+from experiments.config.schemas import JUDGED_BY_FAIRSEQ, SCHEMAS, Passthrough
+from experiments.core import registry
 from experiments.core.console import configure_output
 from experiments.core.errors import RunStop
-from experiments.core.io import REPO_ROOT
 from experiments.core.rundir import note_run_dir, stops_cleanly
-
-CONFIG_DIR = REPO_ROOT / "configs"
-# Groups every app shares (configs/suite.yaml); launcher options only hold Hydra settings.
-SHARED_GROUPS = ("normalizer", "logger", "launcher", "profile")
-
-
-# --- which app runs what ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AppSpec:
-    """One Hydra app: its primary config ``configs/<name>.yaml`` and what it can run."""
-
-    name: str
-    summary: str
-    experiments: tuple[str, ...] = ()
-    # groups where only some options belong to this app (the others are another app's)
-    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # subtrees that hold another tool's options under their own names (fairseq's flags)
-    passthrough: tuple[str, ...] = ()
-    # mappings whose entries may have any name (each entry is read by the code)
-    open_mappings: tuple[str, ...] = ()
-
-    @property
-    def module(self) -> str:
-        return f"experiments.{self.name}"
-
-
-FAIRSEQ_PASSTHROUGH = ("train", "evaluate.args", "model.args")
-
-APPS: dict[str, AppSpec] = {
-    spec.name: spec
-    for spec in (
-        AppSpec(
-            "vision",
-            "image classification with DeiT-tiny / DeiT-small (global average pooling), timm",
-            ("deit_tiny_imagenet", "deit_small_imagenet"),
-            {"data": ("imagenet", "digits"), "model": ("deit_tiny", "deit_small", "deit_smoke")},
-        ),
-        AppSpec(
-            "language_model",
-            "WikiText-103 language modelling with fairseq's transformer_lm",
-            ("lm_wikitext103",),
-            {
-                "data": ("wikitext103", "wikitext103_smoke"),
-                "model": ("transformer_lm_paper", "transformer_lm_smoke", "transformer_lm_wiki103"),
-            },
-            passthrough=FAIRSEQ_PASSTHROUGH,
-        ),
-        AppSpec(
-            "translation",
-            "IWSLT'14 De->En and WMT'14 En->De translation with fairseq transformers",
-            ("mt_iwslt14_deen", "mt_wmt14_ende"),
-            {
-                "data": ("iwslt14_deen", "iwslt14_deen_smoke", "wmt14_ende", "wmt14_ende_smoke"),
-                "model": (
-                    "transformer_iwslt_de_en",
-                    "transformer_iwslt_smoke",
-                    "transformer_wmt_en_de",
-                    "transformer_wmt_smoke",
-                ),
-            },
-            passthrough=FAIRSEQ_PASSTHROUGH,
-        ),
-        AppSpec(
-            "mechanism",
-            "the mechanism study: one attention layer on a retrieval task with known answers",
-            ("mechanism_retrieval",),
-        ),
-        AppSpec(
-            "benchmark",
-            "speed and peak memory of MultiMax against SoftMax, measured side by side",
-            open_mappings=("attention.shapes",),
-        ),
-    )
-}
-
-
-def owner_of(group: str, option: str) -> str | None:
-    """The app whose ``group=option`` (experiment, data, model) it is, if one app's."""
-    for spec in APPS.values():
-        if (group == "experiment" and option in spec.experiments) or option in spec.options.get(
-            group, ()
-        ):
-            return spec.name
-    return None
-
-
-# --- the keys an app's config files declare ---------------------------------------------------
-
-
-@dataclass
-class Declared:
-    """A key of the config files: the types its values have there, one value and its file."""
-
-    types: set[str] = field(default_factory=set)
-    values: list = field(default_factory=list)  # the scalar values the files give it
-    source: str = ""
-
-    @property
-    def example(self) -> Any:
-        return self.values[0] if self.values else None
-
-
-def _yaml(path: Path) -> tuple[dict, bool]:
-    """(the file's content without ``defaults`` / ``hydra``, whether it is ``_global_``)."""
-    node = OmegaConf.load(path)
-    data = OmegaConf.to_container(node, resolve=False) or {}
-    data.pop("defaults", None)
-    data.pop("hydra", None)
-    head = path.read_text().split("\n", 3)[:3]
-    return data, any(line.strip() == "# @package _global_" for line in head)
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, str) and "${" in value:
-        return "interpolation"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    for name, kind in (("int", int), ("float", float), ("str", str), ("list", list)):
-        if isinstance(value, kind):
-            return name
-    return "dict"
-
-
-def _declare(into: dict[str, Declared], data: Any, prefix: str, source: str) -> None:
-    if not isinstance(data, dict):
-        return
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        entry = into.setdefault(path, Declared())
-        entry.types.add(_kind(value))
-        if not isinstance(value, dict | list) and value is not None and value not in entry.values:
-            entry.values.append(value)
-            entry.source = entry.source if len(entry.values) > 1 else source
-        entry.source = entry.source or source
-        _declare(into, value, path, source)
-
-
-def _group_options(group: str, spec: AppSpec) -> list[str]:
-    folder = CONFIG_DIR / group
-    every = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-    chosen = spec.options.get(group)
-    return [o for o in every if o in chosen] if chosen is not None else every
-
-
-def app_groups(spec: AppSpec) -> list[str]:
-    """The config groups an app composes (from its primary config's and suite's defaults)."""
-    groups: list[str] = []
-    for name in ("suite", spec.name):
-        for item in OmegaConf.load(CONFIG_DIR / f"{name}.yaml").get("defaults", []):
-            if isinstance(item, str) or OmegaConf.is_dict(item) is False:
-                continue
-            for key in item:
-                group = str(key).removeprefix("optional ").removeprefix("override ")
-                group = group.split("@")[0].strip()
-                if "/" not in group and group not in ("experiment", "experiment_profile"):
-                    groups.append(group)
-    return list(dict.fromkeys(groups))
-
-
-@cache
-def declared_keys(app: str) -> dict[str, Declared]:
-    """Every dotted key the app's config files declare."""
-    spec = APPS[app]
-    keys: dict[str, Declared] = {}
-    for name in ("suite", app):
-        data, _ = _yaml(CONFIG_DIR / f"{name}.yaml")
-        _declare(keys, data, "", f"configs/{name}.yaml")
-    for group in app_groups(spec):
-        keys.setdefault(group, Declared()).types.add("dict")
-        for option in _group_options(group, spec):
-            path = CONFIG_DIR / group / f"{option}.yaml"
-            data, is_global = _yaml(path)
-            _declare(keys, data, "" if is_global else group, f"configs/{group}/{option}.yaml")
-    for experiment in spec.experiments:
-        data, _ = _yaml(CONFIG_DIR / "experiment" / f"{experiment}.yaml")
-        _declare(keys, data, "", f"configs/experiment/{experiment}.yaml")
-    return keys
-
-
-# --- rules: types, ranges, choices --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What a key's value may be: ``ok`` checks it, ``describe()`` says it in words."""
-
-    ok: Callable[[Any], bool]
-    allowed: str | Callable[[], str]
-    choices: Callable[[], list] | None = None  # for "did you mean ...?"
-
-    def describe(self) -> str:
-        return self.allowed() if callable(self.allowed) else self.allowed
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def integer(low: int | None = None, high: int | None = None, null: bool = False,
-            also: tuple = (), what: str = "") -> Rule:  # fmt: skip
-    """An integer in [low, high] (or one of ``also``, or null)."""
-    bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
-    text = " ".join(["an integer", " and ".join(b for b in bounds if b)]).strip()
-    text += "".join(f" or {a}" for a in also) + (" or null" if null else "")
-
-    def ok(v: Any) -> bool:
-        if v is None or v in also:
-            return v is not None or null
-        return _is_int(v) and (low is None or v >= low) and (high is None or v <= high)
-
-    return Rule(ok, text + (f" ({what})" if what else ""))
-
-
-def number(gt: float | None = None, ge: float | None = None, lt: float | None = None,
-           le: float | None = None, null: bool = False, what: str = "") -> Rule:  # fmt: skip
-    """A finite number within the given bounds (or null)."""
-    bounds = [(">", gt), (">=", ge), ("<", lt), ("<=", le)]
-    parts = [f"{op} {bound:g}" for op, bound in bounds if bound is not None]
-    text = "a number" + (" " + " and ".join(parts) if parts else "") + (" or null" if null else "")
-
-    def ok(v: Any) -> bool:
-        if v is None:
-            return null
-        return _is_number(v) and not (
-            (gt is not None and v <= gt)
-            or (ge is not None and v < ge)
-            or (lt is not None and v >= lt)
-            or (le is not None and v > le)
-        )
-
-    return Rule(ok, text + (f" ({what})" if what else ""))
-
-
-def one_of(choices: Iterable[Any] | Callable[[], Iterable[Any]], null: bool = False,
-           what: str = "") -> Rule:  # fmt: skip
-    """One of ``choices`` (a callable is asked when a value is checked: lazy imports)."""
-
-    def values() -> list:
-        return list(choices() if callable(choices) else choices)
-
-    def text() -> str:
-        return ("one of " + ", ".join(map(str, values())) + (" or null" if null else "")
-                + (f" ({what})" if what else ""))  # fmt: skip
-
-    return Rule(lambda v: (null and v is None) or (v is not None and v in values()), text, values)
-
-
-BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
-UNIT = number(ge=0, le=1, what="a probability or share")
-
-
-def _normalizers() -> list[str]:
-    from multimax import NORMALIZERS
-
-    return list(NORMALIZERS)
-
-
-def _attention_paths() -> list[str]:
-    from multimax import ATTENTION_PATHS
-
-    return ["auto", *ATTENTION_PATHS]
-
-
-def _timm_optimizers() -> list[str]:
-    from timm.optim import list_optimizers
-
-    return list(list_optimizers())
-
-
-def _betas(v: Any) -> bool:
-    return isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)
-
-
-def _fairseq_betas(v: Any) -> bool:
-    found = re.fullmatch(r"\(\s*([0-9.eE+-]+)\s*,\s*([0-9.eE+-]+)\s*\)", str(v).strip())
-    try:
-        return bool(found) and all(0 <= float(b) < 1 for b in found.groups())
-    except ValueError:
-        return False
-
-
-SHARED_RULES: dict[str, Rule] = {
-    "seed": integer(0),
-    "dry_run": BOOL,
-    "verbose": BOOL,
-    "normalizer.name": one_of(_normalizers, what="choose it with normalizer=NAME"),
-    "normalizer.order": integer(1, what="MultiMax's order K"),
-    "normalizer.temperature": number(gt=0),
-    "normalizer.learn_temperature": BOOL,
-    "model.output_normalizer": one_of(_normalizers),
-    "model.attention_impl": one_of(_attention_paths),
-    "logger.name": one_of(("wandb", "none"), what="choose it with logger=wandb|none"),
-    "logger.mode": one_of(("offline", "online", "disabled")),
-    "profile.name": one_of(("paper", "smoke"), what="choose it with profile=paper|smoke"),
-}
-
-VISION_RULES: dict[str, Rule] = {
-    "trainer.epochs": integer(1, what="training epochs"),
-    "trainer.batch_size": integer(1, what="the global batch"),
-    "trainer.eval_batch_size": integer(1),
-    "trainer.label_smoothing": number(ge=0, lt=1),
-    "trainer.amp": one_of(("auto", "bfloat16", "float16", "none")),
-    "trainer.compile": BOOL,
-    "trainer.ema": BOOL,
-    "trainer.ema_decay": number(gt=0, lt=1),
-    "trainer.eval_every_epochs": integer(1),
-    "trainer.checkpoint_every_steps": integer(1),
-    "trainer.log_every_steps": integer(1),
-    "trainer.stop_after_steps": integer(1, null=True),
-    "trainer.inject_nan_at_step": integer(1, null=True),
-    "trainer.device": one_of(("auto", "cpu", "cuda")),
-    "trainer.threads": integer(1, null=True),
-    "trainer.dry_run_world_size": integer(1),
-    "trainer.dry_run_cpu_batch": integer(1),
-    "trainer.procs_per_node": integer(1, also=("auto",)),
-    "optim.opt": one_of(_timm_optimizers, what="timm's optimizer names"),
-    "optim.lr_base": number(gt=0, what="scaled by trainer.batch_size / optim.lr_base_batch"),
-    "optim.lr_base_batch": integer(1),
-    "optim.weight_decay": number(ge=0),
-    "optim.eps": number(gt=0),
-    "optim.betas": Rule(_betas, "a list of two numbers in [0, 1)"),
-    "optim.clip_grad": number(gt=0, null=True),
-    "optim.sched": one_of(("cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd")),
-    "optim.warmup_epochs": integer(0),
-    "optim.warmup_lr": number(ge=0),
-    "optim.min_lr": number(ge=0),
-    "augment.hflip": UNIT,
-    "augment.color_jitter": number(ge=0),
-    "augment.reprob": UNIT,
-    "augment.remode": one_of(("pixel", "rand", "const")),
-    "augment.recount": integer(1),
-    "augment.mixup": number(ge=0),
-    "augment.cutmix": number(ge=0),
-    "augment.mixup_prob": UNIT,
-    "augment.mixup_switch_prob": UNIT,
-    "augment.mixup_mode": one_of(("batch", "pair", "elem")),
-    "augment.repeated_aug": BOOL,
-    "augment.repeats": integer(1),
-    "data.num_classes": integer(2),
-    "data.img_size": integer(1),
-    "data.in_chans": integer(1),
-    "data.crop_pct": number(gt=0, le=1),
-    "data.num_workers": integer(0),
-    "data.pin_memory": BOOL,
-    "data.train_size": integer(1),
-    "data.val_size": integer(1),
-    "data.bad_images": one_of(("refuse", "skip")),
-    "model.drop_path": number(ge=0, lt=1),
-    "model.drop": number(ge=0, lt=1),
-}
-
-FAIRSEQ_RULES: dict[str, Rule] = {
-    "train.lr": number(gt=0, what="fairseq's --lr, the peak learning rate"),
-    "train.max_update": integer(1, what="updates to train"),
-    "train.warmup_updates": integer(0),
-    "train.warmup_init_lr": number(ge=0),
-    "train.weight_decay": number(ge=0),
-    "train.clip_norm": number(ge=0, what="0 switches clipping off"),
-    "train.max_tokens": integer(1, what="tokens per micro-batch and GPU"),
-    "train.update_freq": integer(1),
-    "train.tokens_per_sample": integer(1),
-    "train.label_smoothing": number(ge=0, lt=1),
-    "train.precision": one_of(("fp32", "fp16", "amp", "bf16")),
-    "train.adam_betas": Rule(_fairseq_betas, 'a pair "(b1, b2)" with both in [0, 1)'),
-    "train.save_interval_updates": integer(0),
-    "train.keep_interval_updates": integer(-1),
-    "train.log_interval": integer(1),
-    "train.num_workers": integer(0),
-    "train.output_sigma_grad_scale": one_of(("inv_sqrt_vocab", "none"), null=True),
-    "train.eps_perplexity_epsilon": number(gt=0, lt=1),
-    "evaluate.eps_perplexity_epsilon": number(gt=0, lt=1, what="the ε of the ε-perplexity"),
-    "evaluate.args.beam": integer(1),
-    "evaluate.args.batch_size": integer(1),
-    "evaluate.args.tokens_per_sample": integer(1),
-    "evaluate.args.context_window": integer(0),
-    "evaluate.args.lenpen": number(),
-    "distributed.world_size": integer(1, also=("auto",)),
-    "distributed.port": integer(1, 65535),
-    "dry_run_options.world_size": integer(1),
-    "dry_run_options.cpu_max_tokens": integer(0),
-    "data.workers": integer(1),
-    "data.corpus.generate.n_*": integer(1),
-}
-
-MECHANISM_RULES: dict[str, Rule] = {
-    "threads": integer(1),
-    "data.num_items": integer(1),
-    "data.num_relevant": integer(1),
-    "data.num_classes": integer(2),
-    "data.key_noise": number(ge=0),
-    "data.value_std": number(gt=0),
-    "data.eval_examples": integer(1),
-    "model.dim": integer(1),
-    "model.heads": integer(1),
-    "model.output_normalizer": one_of(
-        ("none",), what="the regression head has no output normaliser"
-    ),
-    "train.steps": integer(1),
-    "train.batch_size": integer(1),
-    "train.lr": number(gt=0),
-    "train.weight_decay": number(ge=0),
-    "train.log_every": integer(1),
-    "eval.rel_threshold": number(gt=0, le=1),
-    "eval.examples_to_save": integer(0),
-    "eval.score_examples": integer(1),
-}
-
-RULES: dict[str, dict[str, Rule]] = {
-    "vision": {**SHARED_RULES, **VISION_RULES},
-    "language_model": {**SHARED_RULES, **FAIRSEQ_RULES},
-    "translation": {**SHARED_RULES, **FAIRSEQ_RULES, "data.recipe.bpe_symbols": integer(1)},
-    "mechanism": {**SHARED_RULES, **MECHANISM_RULES},
-    "benchmark": {
-        **SHARED_RULES,
-        "threads": integer(1, null=True),
-        "repeats": integer(1),
-        "warmup": integer(0),
-    },  # fmt: skip
-}
-
-
-def _cross_checks(app: str, cfg: Mapping) -> list[str]:
-    """Rules that relate two keys."""
+from experiments.pipelines.fairseq.commands import check_command_lines, parse_with_fairseq
+
+# --- another app's experiment, data set or model ------------------------------------------------
+
+
+def _wrong_app(app: str, cfg: DictConfig, choices: Mapping[str, str]) -> list[str]:
+    experiment = choices.get("experiment")
+    if experiment is not None:
+        other = registry.experiment(experiment).app
+        if other != app:
+            return [
+                f"experiment={experiment}: not one of experiments.{app}'s (choose one of "
+                f"{', '.join(options.app_experiments(app)) or 'none'}); it is run by "
+                f"python -m experiments.{other} experiment={experiment}"
+            ]  # its data and model follow from it
     out = []
-    if app == "language_model":
-        args = (cfg.get("evaluate") or {}).get("args") or {}
-        window, block = args.get("context_window"), args.get("tokens_per_sample")
-        if _is_int(window) and _is_int(block) and window >= block:
+    for group in ("data", "model"):
+        kind = OmegaConf.select(cfg, f"{group}.kind", default=None)
+        option = choices.get(group) or OmegaConf.select(cfg, f"{group}.name", default="?")
+        if kind is not None and kind != app:
             out.append(
-                f"evaluate.args.context_window={window}: must be smaller than "
-                f"evaluate.args.tokens_per_sample={block} (fairseq-eval-lm scores each block "
-                f"with that much context); e.g. evaluate.args.context_window={block // 2}"
+                f"{group}={option}: not one of experiments.{app}'s (choose one of "
+                f"{', '.join(options.group_options(group, app))}); it belongs to "
+                f"experiments.{kind}"
             )
-    if app == "mechanism":
-        data, model = cfg.get("data") or {}, cfg.get("model") or {}
-        m, n = data.get("num_relevant"), data.get("num_items")
-        if _is_int(m) and _is_int(n) and m > n:
-            out.append(f"data.num_relevant={m}: must be <= data.num_items={n}")
-        dim, heads = model.get("dim"), model.get("heads")
-        if _is_int(dim) and _is_int(heads) and heads > 0 and dim % heads:
-            out.append(f"model.heads={heads}: must divide model.dim={dim}")
     return out
 
 
-# --- the check -------------------------------------------------------------------------------
-
-
-def _flat(data: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-    if isinstance(data, dict):
-        for key, value in data.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
-            yield path, value
-            yield from _flat(value, path)
-
-
-def _under(key: str, prefixes: Iterable[str]) -> str | None:
-    return next((p for p in prefixes if key == p or key.startswith(p + ".")), None)
+# --- the schema's verdict, one line per key --------------------------------------------------------
 
 
 def _show(value: Any) -> str:
@@ -526,171 +99,151 @@ def _suggest(name: Any, candidates: Iterable[Any]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _suggest_key(parent: str, leaf: str, siblings: list[str]) -> str:
-    hint = _suggest(leaf, siblings)
-    return hint.replace("mean ", f"mean {parent}.") if hint and parent else hint
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
-def _type_ok(value: Any, types: set[str]) -> bool:
-    """Whether ``value`` has one of the declared types (any, when only nulls or
-    interpolations are declared; an int where a float or a string is declared)."""
-    if types <= {"interpolation", "null"} or "interpolation" in types:
-        return True
-    kind = _kind(value)
-    if kind == "int" and types & {"float", "str"}:
-        return True
-    return kind in types or (kind == "float" and "str" in types)
+def describe(tp: Any, constraints: Iterable[Any] = ()) -> str:
+    """What a schema type allows, in words (``an integer >= 1 or auto``)."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        extra = [m for meta in args[1:] for m in getattr(meta, "metadata", [meta])]
+        return describe(args[0], [*constraints, *extra])
+    if origin in (typing.Union, types.UnionType):
+        text = " or ".join(describe(a) for a in args if a is not type(None))
+        return text + (" or null" if type(None) in args else "")
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    bounds = " and ".join(
+        f"{op} {getattr(c, name):g}" for c in constraints for name, op in _BOUNDS.items()
+        if getattr(c, name, None) is not None
+    )  # fmt: skip
+    if tp is bool:
+        return "true or false"
+    if tp in (int, float):
+        return ("an integer" if tp is int else "a number") + (f" {bounds}" if bounds else "")
+    if origin is list:
+        sizes = {getattr(c, n) for c in constraints for n in ("min_length", "max_length")
+                 if getattr(c, n, None) is not None}  # fmt: skip
+        size = f" of {sizes.pop()}" if len(sizes) == 1 else ""
+        return f"a list{size} (each {describe(args[0])})"
+    if origin is dict:
+        return f"a mapping (each value {describe(args[1])})"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping of " + ", ".join(tp.model_fields)
+    return "a string" if tp is str else str(tp)
 
 
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-               "list": "a list", "dict": "a mapping", "null": "null"}  # fmt: skip
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    """The schema section a type holds (``Section | None`` holds ``Section``)."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    found = [m for a in typing.get_args(tp) if (m := _model_in(a)) is not None]
+    return found[0] if len(found) == 1 and typing.get_origin(tp) is not dict else None
 
 
-def _example(key: str, entry: Declared | None) -> str:
-    if entry is None or entry.example is None or "${" in str(entry.example):
-        return ""
-    return f"; e.g. {key}={_show(entry.example)} ({entry.source})"
+def _walk(schema: type[BaseModel], loc: tuple) -> tuple[list[str], Any, FieldInfo | None, Any]:
+    """(key parts, the type there, its field, the section holding it) along a pydantic error
+    location, stopping at a leaf (a union member's tag is not a key)."""
+    parts: list[str] = []
+    tp: Any = schema
+    field = section = None
+    for element in loc:
+        model = _model_in(tp)
+        if model is not None:
+            section = model
+            parts.append(str(element))
+            field = model.model_fields.get(str(element))
+            if field is None:
+                return parts, None, None, section  # a key the section does not name
+            tp = field.annotation
+        elif typing.get_origin(tp) is dict:
+            parts.append(str(element))
+            tp, field = typing.get_args(tp)[1], None
+        else:
+            break
+    return parts, tp, field, section
 
 
-def _rule_for(key: str, rules: Mapping[str, Rule]) -> Rule | None:
-    if key in rules:
-        return rules[key]
-    wild = (
-        r for pattern, r in rules.items() if "*" in pattern and fnmatch.fnmatchcase(key, pattern)
-    )
-    return next(wild, None)
+def _at(data: Any, parts: list[str]) -> Any:
+    for part in parts:
+        data = data.get(part) if isinstance(data, Mapping) else None
+    return data
 
 
-def _value_problem(key: str, value: Any, entry: Declared | None, rule: Rule | None) -> str | None:
-    if rule is not None:
-        if rule.ok(value):
-            return None
-        hint = _suggest(value, rule.choices()) if rule.choices and isinstance(value, str) else ""
-        return f"{key}={_show(value)}: expected {rule.describe()}{hint or _example(key, entry)}"
-    if entry is None or _type_ok(value, entry.types):
-        return None
-    kinds = sorted(entry.types - {"interpolation"})
-    allowed = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds)
-    return f"{key}={_show(value)}: expected {allowed}{_example(key, entry)}"
+def _shipped_example(key: str, app: str, choices: Mapping[str, str]) -> str:
+    """``; e.g. KEY=VALUE (configs/FILE)``: the key's value in a file this run selected."""
+    group, _, rest = key.partition(".")
+    files = [(f"experiment/{choices['experiment']}.yaml", key)] if "experiment" in choices else []
+    files += [(f"{group}/{choices[group]}.yaml", rest)] if group in choices and rest else []
+    files += [(f"{app}.yaml", key), ("suite.yaml", key)]
+    for name, path in files:
+        file = options.CONFIG_DIR / name
+        value = _at(OmegaConf.to_container(OmegaConf.load(file)), path.split(".")) \
+            if file.is_file() else None  # fmt: skip
+        if value is not None and not isinstance(value, dict | list) and "${" not in str(value):
+            return f"; e.g. {key}={_show(value)} (configs/{name})"
+    return ""
 
 
-def _wrong_app(app: str, choices: Mapping[str, str]) -> list[str]:
-    spec = APPS[app]
-    out = []
-    for group in ("experiment", "data", "model"):
-        option = choices.get(group)
-        mine = spec.experiments if group == "experiment" else spec.options.get(group)
-        if option is None or mine is None or option in mine:
-            continue
-        other = owner_of(group, option)
-        where = ""
-        if other and group == "experiment":
-            where = f"; it is run by python -m experiments.{other} experiment={option}"
-        elif other:
-            where = f"; it belongs to experiments.{other}"
-        out.append(
-            f"{group}={option}: not one of experiments.{app}'s (choose one of "
-            f"{', '.join(mine) or 'none'}){where}"
+def _message(error: Any, app: str, data: Any, choices: Mapping[str, str]) -> tuple[str, str]:
+    """(the key, one line) for one pydantic error."""
+    parts, tp, field, section = _walk(SCHEMAS[app], error["loc"])
+    key = ".".join(parts)
+    value = _at(data, parts)
+    kind = error["type"]
+    if kind == "cross":
+        return key, error["msg"]
+    if kind == "extra_forbidden":
+        parent, _, leaf = key.rpartition(".")
+        siblings = list(section.model_fields) if section else []
+        hint = _suggest(leaf, siblings)
+        hint = hint.replace("mean ", f"mean {parent}.") if parent else hint
+        where = f"{parent} has" if parent else "the top level has"
+        return key, (
+            f"{key}={_show(value)}: experiments.{app} has no setting {key}, so nothing would "
+            f"read it{hint} ({where}: {', '.join(siblings)})"
         )
-        if group == "experiment":
-            break  # its data and model follow from it
-    return out
+    metadata = field.metadata if field is not None and tp is field.annotation else []
+    allowed = describe(tp, metadata)
+    hint = ""
+    if kind == "choice":
+        allowed = "one of " + ", ".join(error["ctx"]["choices"])
+        hint = _suggest(value, error["ctx"]["choices"])
+    elif kind == "shape":
+        allowed = error["msg"]
+    elif isinstance(value, str) and typing.get_origin(tp) is typing.Literal:
+        hint = _suggest(value, typing.get_args(tp))
+    what = f" ({field.description})" if field is not None and field.description else ""
+    if kind == "missing":
+        return key, f"{key}: missing; experiments.{app} needs it ({allowed}{what})"
+    example = hint or _shipped_example(key, app, choices)
+    return key, f"{key}={_show(value)}: expected {allowed}{what}{example}"
 
 
-def problems(cfg: DictConfig | Mapping, app: str, choices: Mapping[str, str] | None = None,
-             fairseq_check: bool = True) -> list[str]:  # fmt: skip
-    """One line per problem of the composed config of ``app`` (empty: it may run).
+# --- fairseq's own options, checked by fairseq ----------------------------------------------------
 
-    ``choices``: Hydra's group choices (``hydra.runtime.choices``), when known;
-    ``fairseq_check``: ask fairseq's parser about fairseq options no config file declares."""
-    spec = APPS[app]
-    wrong = _wrong_app(app, dict(choices or {}))
-    if wrong:
-        return wrong  # everything else would only repeat that mistake
-    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-    node = OmegaConf.masked_copy(node, [k for k in node if k != "hydra"])
-    try:
-        data = OmegaConf.to_container(node, resolve=True)
-    except Exception as err:  # noqa: BLE001 - any unresolvable value is the user's to fix
-        key = getattr(err, "full_key", "") or "a value"
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        return [f"{key}: cannot be resolved ({first})"]
 
-    declared = declared_keys(app)
-    rules = RULES[app]
-    out: list[str] = []
-    passthrough: dict[str, Any] = {}
-    skip: list[str] = []
-    for key, value in _flat(data):
-        if _under(key, skip):
+def _for_fairseq(app: str, overrides: Iterable[str]) -> list[str]:
+    """The keys the overrides set that fairseq judges: a fairseq option the schema does not
+    type, or a fairseq choice (``model.arch``)."""
+    keys = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("~+")
+        parts, tp, field, section = _walk(SCHEMAS[app], tuple(key.split(".")))
+        if len(parts) != len(key.split(".")) or section is None:
             continue
-        entry = declared.get(key)
-        through = _under(key, spec.passthrough)
-        if through is not None and key != through:  # another tool's option, by its own name
-            if not isinstance(value, dict):
-                passthrough[key] = value
-            problem = _value_problem(key, value, entry, _rule_for(key, rules))
-            out += [problem] if problem else []
-            continue
-        open_map = _under(key, spec.open_mappings)
-        if open_map is not None and key != open_map:
-            skip.append(key)  # an entry of a mapping whose entries may have any name
-            continue
-        if entry is None:
-            parent, _, leaf = key.rpartition(".")
-            siblings = [k.rpartition(".")[2] for k in declared if k.rpartition(".")[0] == parent]
-            where = f"{parent} has" if parent else "the top level has"
-            out.append(
-                f"{key}={_show(value)}: experiments.{app} has no setting {key}, so nothing "
-                f"would read it{_suggest_key(parent, leaf, siblings)} ({where}: "
-                f"{', '.join(siblings)})"
-            )
-            skip.append(key)
-            continue
-        problem = _value_problem(key, value, entry, _rule_for(key, rules))
-        if problem:
-            out.append(problem)
-            skip.append(key)
-    out += _cross_checks(app, data)
-    if not out and fairseq_check and spec.passthrough:
-        out += fairseq_problems(node, passthrough, declared)
-    return out
-
-
-# --- fairseq's own options, checked by fairseq -------------------------------------------------
-
-# fairseq options whose value decides which other options exist
-_FAIRSEQ_COMPONENTS = ("model.arch", "train.task", "train.criterion", "train.optimizer",
-                       "train.lr_scheduler")  # fmt: skip
-
-
-def unvouched_fairseq_keys(data: Mapping, passthrough: Mapping[str, Any],
-                           declared: Mapping[str, Declared]) -> list[str]:  # fmt: skip
-    """The fairseq-bound keys our config files do not vouch for: names no file declares,
-    and component choices (architecture, task, criterion, ...) no file makes."""
-    keys = [k for k in passthrough if k not in declared]
-    for key in _FAIRSEQ_COMPONENTS:
-        value: Any = data
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
-        entry = declared.get(key)
-        if value is not None and entry is not None and value not in entry.values:
+        untyped = field is None and issubclass(section, Passthrough)
+        extra = (field.json_schema_extra or {}) if field is not None else {}
+        if untyped or JUDGED_BY_FAIRSEQ in extra:
             keys.append(key)
     return list(dict.fromkeys(keys))
 
 
-def fairseq_problems(cfg: DictConfig, passthrough: Mapping[str, Any],
-                     declared: Mapping[str, Declared]) -> list[str]:  # fmt: skip
-    """fairseq's own parser on this run's command lines, when they hold options the config
-    files do not vouch for (in a child process: fairseq must not be imported here)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    keys = unvouched_fairseq_keys(data, passthrough, declared)
-    if not keys:
-        return []
-    from experiments.pipelines.fairseq import run as fairseq_run
-
+def fairseq_problems(cfg: DictConfig, keys: list[str]) -> list[str]:
+    """fairseq's own parser on this run's command lines (in a child process)."""
     try:
-        found = fairseq_run.parse_with_fairseq(fairseq_run.check_command_lines(cfg))
+        found = parse_with_fairseq(check_command_lines(cfg))
     except RunStop as stop:  # e.g. a stock architecture asked for MultiMax
         return [str(stop)]
     except RuntimeError as err:
@@ -722,43 +275,95 @@ def _fairseq_message(program: str, error: str, keys: list[str]) -> str:
     return f"{', '.join(keys)}: {program} refuses the options: {error}"
 
 
-# --- sweeps ------------------------------------------------------------------------------------
+# --- the check ------------------------------------------------------------------------------------
 
 
-def sweep_points(task_overrides: list[str]) -> list[list[str]]:
-    """Every job's overrides of a basic-sweeper multirun (``a=1,2 b=x,y``: 4 jobs)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def problems(cfg: DictConfig, app: str, choices: Mapping[str, str] | None = None,
+             fairseq_check: bool = True, overrides: Iterable[str] | None = None) -> list[str]:  # fmt: skip
+    """One line per problem of the composed config of ``app`` (empty: it may run).
 
-    parsed = OverridesParser.create().parse_overrides(task_overrides)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    ``choices``: Hydra's group choices (``hydra.runtime.choices``); ``overrides``: the run's
+    overrides (default ``hydra.overrides.task``), whose fairseq options fairseq's parser
+    judges when ``fairseq_check``."""
+    choices = dict(choices or {})
+    wrong = _wrong_app(app, cfg, choices)
+    if wrong:
+        return wrong  # everything else would only repeat that mistake
+    if overrides is None:
+        overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=[])
+    node = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        data = OmegaConf.to_container(node, resolve=True)
+    except Exception as err:  # noqa: BLE001 - any unresolvable value is the user's to fix
+        key = getattr(err, "full_key", "") or "a value"
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        return [f"{key}: cannot be resolved ({first})"]
+    try:
+        SCHEMAS[app].model_validate(data)
+    except ValidationError as err:
+        lines: dict[str, str] = {}
+        for error in err.errors():
+            key, line = _message(error, app, data, choices)
+            lines.setdefault(key, line)  # one line per key: a union's members all object
+        return list(lines.values())
+    keys = _for_fairseq(app, overrides) if fairseq_check else []
+    return fairseq_problems(node, keys) if keys else []
 
 
-def sweep_problems(config_name: str, task_overrides: list[str]) -> list[str]:
-    """Each point of a sweep composed and checked, before the first job starts."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.types import RunMode
+def _values(override: Override) -> list[str]:
+    """``key=value`` for each value of one override (both ends of an interval)."""
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return [override.input_line or f"{key}={override.get_value_element_as_str()}"]
+    sweep = override.value()
+    if isinstance(sweep, IntervalSweep):
+        return [f"{key}={sweep.start}", f"{key}={sweep.end}"]
+    return [f"{key}={value}" for value in override.sweep_string_iterator()]
 
+
+def sweep_samples(task_overrides: list[str], params: Mapping[str, str] | None = None
+                  ) -> list[list[str]]:  # fmt: skip
+    """The overrides of a few jobs of a sweep that hold every value of every swept key once:
+    all keys at their first value, then each other value in turn. ``params``: swept keys
+    given in the config (``hydra.sweeper.params``), unless an override names them."""
+    parser = OverridesParser.create()
+    given = parser.parse_overrides(list(task_overrides))
+    named = {o.key_or_group for o in given}
+    given += parser.parse_overrides(
+        [f"{k}={v}" for k, v in (params or {}).items() if k not in named]
+    )
+    values = []
+    for override in given:
+        try:
+            values.append(_values(override))
+        except Exception:  # noqa: BLE001 - a sweep only its sweeper enumerates: each job checks it
+            continue
+    first = [v[0] for v in values]
+    samples = [first]
+    for i, each in enumerate(values):
+        samples += [[*first[:i], v, *first[i + 1 :]] for v in each[1:]]
+    return samples
+
+
+def sweep_problems(config_name: str, task_overrides: list[str],
+                   params: Mapping[str, str] | None = None) -> list[str]:  # fmt: skip
+    """:func:`problems` of each of the :func:`sweep_samples` of a sweep."""
     hydra = GlobalHydra.instance().hydra
+    samples = sweep_samples(task_overrides, params)
     out = []
-    points = sweep_points(task_overrides)
-    for job in points:
-        label = f"sweep point {' '.join(job)}" if len(points) > 1 else "sweep"
+    for job in samples:
+        label = f"sweep point {' '.join(job)}" if len(samples) > 1 else "sweep"
         try:
             cfg = hydra.compose_config(config_name, job, run_mode=RunMode.RUN)
         except Exception as err:  # noqa: BLE001 - Hydra's own composition errors
             out.append(f"{label}: {' '.join(str(err).split())}")
             continue
-        out += [f"{label}: {p}" for p in problems(cfg, config_name, cfg.hydra.runtime.choices)]
+        found = problems(cfg, config_name, cfg.hydra.runtime.choices, overrides=job)
+        out += [f"{label}: {p}" for p in found]
     return out
 
 
 # --- the Hydra callback ---------------------------------------------------------------------------
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - Hydra is always installed with the apps
-    Callback = object  # type: ignore[assignment,misc]
 
 
 def refuse(lines: list[str]) -> None:
@@ -767,12 +372,17 @@ def refuse(lines: list[str]) -> None:
         raise RunStop("\nERROR: ".join(lines))
 
 
+def _app(config: DictConfig, config_name: str | None) -> str | None:
+    app = config_name or str(config.hydra.job.config_name)
+    return app if app in SCHEMAS else None
+
+
 class CheckConfig(Callback):
     """``hydra.callbacks.check_config``: the checks above, before any work starts."""
 
     def on_run_start(self, config: DictConfig, config_name: str | None = None, **_: Any) -> None:
-        app = config_name or str(config.hydra.job.config_name)
-        if app not in APPS:
+        app = _app(config, config_name)
+        if app is None:
             return
         found = problems(config, app, config.hydra.runtime.choices)
         if found:
@@ -785,49 +395,20 @@ class CheckConfig(Callback):
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None,
                           **_: Any) -> None:  # fmt: skip
-        app = config_name or str(config.hydra.job.config_name)
-        if app not in APPS:
+        app = _app(config, config_name)
+        if app is None:
             return
-        found = sweep_problems(app, list(config.hydra.overrides.task))
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        params = OmegaConf.to_container(params) if params is not None else None
+        found = sweep_problems(app, list(config.hydra.overrides.task), params)
         if found:
             refuse(found)
 
     def on_job_start(self, config: DictConfig, **_: Any) -> None:
+        app = _app(config, None)
+        if app is not None and config.hydra.mode == RunMode.MULTIRUN:
+            job = list(config.hydra.overrides.task)
+            found = problems(config, app, config.hydra.runtime.choices)
+            if found:
+                refuse([f"sweep job {' '.join(job)}: {p}" for p in found])
         configure_output(bool(config.get("verbose", False)))
-
-
-# --- --help ------------------------------------------------------------------------------------
-
-
-def help_text(app: str) -> str:
-    """``python -m experiments.<app> --help``: what this app runs, then its config
-    (``$CONFIG`` is filled in by Hydra)."""
-    spec = APPS[app]
-    lines = [
-        f"python -m {spec.module} [group=option ...] [key=value ...] [-m for a sweep]",
-        "",
-        spec.summary[0].upper() + spec.summary[1:] + ".",
-        "",
-        "== Choices (group=option) ==",
-    ]
-    if spec.experiments:
-        lines.append(f"  experiment: {', '.join(spec.experiments)}   (configs/experiment/)")
-    for group in app_groups(spec):
-        lines.append(f"  {group}: {', '.join(_group_options(group, spec))}")
-    lines += [
-        "",
-        "The experiment file pins the paper's recipe; profile=smoke runs it on small local",
-        "data in minutes on a CPU. A setting that does not exist or a value out of range stops",
-        "the run before it starts, naming the key; verbose=true shows third-party warnings.",
-        "",
-        "== Settings (key=value), as composed with the overrides given ==",
-        "$CONFIG",
-        "Hydra's own options: --hydra-help",
-    ]
-    return "\n".join(lines)
-
-
-# ``hydra.help.template`` in configs/suite.yaml calls ``${app_help:<app>}``; every app imports
-# this module, so the resolver is there before Hydra prints ``--help``.
-if not OmegaConf.has_resolver("app_help"):
-    OmegaConf.register_new_resolver("app_help", help_text)

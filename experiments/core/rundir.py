@@ -1,9 +1,41 @@
-"""The run directory: one live run at a time (lock), a wall clock across resumes, finished-run
-detection, checkpoints, the resume command, and the one-line stop of a run."""
+"""The run directory: one object (:class:`RunDir`) that every pipeline opens around its
+training, and the answer to "how does a run resume after ``kill -9``".
+
+A run lives in one directory (Hydra's ``hydra.run.dir``) and is continued by rerunning the
+same command with the same directory (:func:`resume_hint` prints it). End to end:
+
+1. **Finished?** ``results.json`` that reads and records at least the configured number of
+   steps means the run is done: :meth:`RunDir.open` yields with :attr:`RunDir.finished` set,
+   takes no lock and touches nothing, and the pipeline returns that result.
+2. **The lock.** Otherwise the main process takes an exclusive ``flock`` on ``.run.lock``
+   (:class:`RunLock`). The kernel drops it when the last holder dies, so a killed run never
+   leaves it held; a child that inherits its descriptor (the fairseq trainer) holds it for as
+   long as it lives. A second live run in the directory stops with one line.
+3. **The resume point.** The pipeline's ``resume`` function names the newest *readable*
+   checkpoint and its step (:class:`ResumePoint`). Checkpoints are written through a temp file
+   and a rename, so a kill leaves the old one or the new one, never half of one; a file cut
+   short anyway (a full disk) is skipped for the one before it (``checkpoint_previous.pt``
+   here, fairseq's numbered checkpoints there) with one line. Nothing readable: step 0.
+4. **The wall clock** (:class:`RunClock`, ``wall_clock.json``) continues from its last tick
+   (every few seconds and at each checkpoint); it starts over with the run at step 0.
+5. **The metrics log** (``metrics.jsonl``) loses the lines written after the resume step, so
+   the resumed curve has each step once.
+6. **Training** restores the checkpoint and continues onto exactly the batches the
+   uninterrupted run reads: vision keeps model, EMA, optimiser, scheduler, scaler, sampler
+   position and every process's RNG states (``experiments.pipelines.vision.state``); fairseq
+   gets ``--restore-file`` and the plugin's ``multimax_*`` tasks (epoch-seeded batches); the
+   mechanism study has no checkpoints (a run of seconds) and starts over.
+7. **Results.** :meth:`RunDir.write_results` writes ``results.json`` atomically, as the last
+   file, with the clock's total: until it exists the run is unfinished and step 1 resumes it.
+
+An app wraps its work in :func:`stops_cleanly`: a :class:`RunStop` becomes one ``ERROR:`` line
+and its exit code, and a run directory the invocation created but never wrote into is removed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -12,15 +44,24 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
 from experiments.core.errors import RunStop
 from experiments.core.io import atomic_torch_save, atomic_write_text
-from experiments.core.results import METRICS_LOG, RESULTS_FILE, RunResult, read_results
+from experiments.core.results import (
+    METRICS_LOG,
+    RESULTS_FILE,
+    RunResult,
+    read_results,
+    write_results,
+)
 
 LOCK_FILE = ".run.lock"
 CLOCK_FILE = "wall_clock.json"
@@ -72,8 +113,6 @@ def discard_unused_run_dir() -> None:
 def resume_command(run_dir: str | Path) -> str | None:
     """The command that continues this run: the app and its overrides as given, with
     ``hydra.run.dir=`` set to ``run_dir``; None outside a Hydra app."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
@@ -144,8 +183,6 @@ class RunLock:
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -229,6 +266,123 @@ def trim_metrics_log(run_dir: str | Path, step: int) -> None:
 
 def hydra_run_dir() -> Path:
     """The current Hydra run directory (the job's output dir)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+# --- the run directory object --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run continues: ``step`` done (0: from scratch), what the pipeline restores
+    from (a loaded checkpoint, a file to hand to fairseq; None: nothing), and a line for the
+    user (e.g. why an unreadable checkpoint was passed over)."""
+
+    step: int
+    state: Any = None
+    note: str | None = None
+
+
+def start_over(_path: Path) -> ResumePoint:
+    """The resume point of a run without checkpoints: always step 0."""
+    return ResumePoint(0)
+
+
+def latest_checkpoint(path: Path) -> ResumePoint:
+    """``checkpoint_last.pt``, else ``checkpoint_previous.pt`` (with a warning), loaded as
+    :attr:`ResumePoint.state` (its ``"step"`` is the step); step 0 when neither reads."""
+    had = any((path / name).exists() for name in (CHECKPOINT_LAST, CHECKPOINT_PREVIOUS))
+    state = load_checkpoint(path, map_location="cpu")
+    if state is not None:
+        return ResumePoint(int(state["step"]), state)
+    note = f"no readable checkpoint in {path}: starting over from step 0" if had else None
+    return ResumePoint(0, None, note)
+
+
+class RunDir:
+    """One run directory through one invocation (the numbered steps of this module's
+    docstring). Use :meth:`open`::
+
+        with RunDir.open(run_dir, total_steps=N, resume=latest_checkpoint) as run:
+            if run.finished is not None:
+                return run.finished
+            ... restore run.resume.state, train from run.resume_step, run.tick() ...
+            run.write_results(result, cfg)
+
+    Only the main process (``is_main``) locks, keeps the clock, trims the metrics log, prints
+    and writes results; every process sees :attr:`finished` and :attr:`resume`.
+    """
+
+    def __init__(self, path: str | Path, total_steps: int, is_main: bool = True) -> None:
+        self.path = Path(path)
+        self.total_steps = int(total_steps)
+        self.is_main = is_main
+        self.finished: RunResult | None = finished_result(self.path, self.total_steps)
+        self.lock: RunLock | None = None
+        self.clock: RunClock | None = None
+        self.resume = ResumePoint(0)
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        total_steps: int,
+        resume: Callable[[Path], ResumePoint] = start_over,
+        is_main: bool = True,
+        prefix: str = "",
+    ) -> Iterator[RunDir]:
+        """Finished? (then nothing else) → lock → resume point → clock → trimmed metrics log;
+        the lock is released on leaving. ``prefix`` starts every line printed (``"[lm] "``)."""
+        run = cls(path, total_steps, is_main)
+        if run.finished is not None:
+            if is_main:
+                print(prefix + run.finished_line(), flush=True)
+            yield run
+            return
+        with RunLock(run.path) if is_main else contextlib.nullcontext() as lock:
+            run.lock = lock
+            run.resume = resume(run.path)
+            if is_main:
+                if run.resume.note:
+                    print(prefix + run.resume.note, flush=True)
+                run.clock = RunClock(run.path, start_over=run.resume.step == 0)
+                trim_metrics_log(run.path, run.resume.step)
+            yield run
+
+    def finished_line(self) -> str:
+        done = self.finished
+        assert done is not None
+        value = "null" if done.metric_value is None else f"{done.metric_value:.2f}"
+        return (
+            f"{self.path} holds a finished run ({done.metric_name} = {value}, {done.steps} "
+            "steps): nothing to do. Give another hydra.run.dir=... for a new run."
+        )
+
+    @property
+    def resume_step(self) -> int:
+        return self.resume.step
+
+    @property
+    def lock_fds(self) -> tuple[int, ...]:
+        """The lock's descriptor, for a child process that must hold the lock too."""
+        return (self.lock.fd,) if self.lock is not None and self.lock.fd is not None else ()
+
+    def tick(self, min_interval: float = 0.0) -> None:
+        """Save the wall clock (main process; at most every ``min_interval`` seconds)."""
+        if self.clock is not None:
+            self.clock.tick(min_interval)
+
+    def wall_seconds(self) -> float:
+        """Wall-clock seconds of the run over every invocation so far."""
+        return self.clock.total() if self.clock is not None else 0.0
+
+    def resume_hint(self) -> str:
+        return resume_hint(self.path)
+
+    def write_results(self, result: RunResult, cfg: DictConfig | None = None) -> Path:
+        """``results.json`` (the run is finished from now on) and a last clock tick."""
+        path = write_results(self.path, result, cfg)
+        self.tick()
+        return path

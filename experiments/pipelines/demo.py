@@ -17,8 +17,8 @@ the paper, and every table and figure says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,12 +27,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.core.io import REPO_ROOT
+import pandas as pd
+
+from experiments.core import registry
+from experiments.core.io import REPO_ROOT, atomic_write_text
+from experiments.core.results import RESULTS_FILE, RunResult
+from experiments.pipelines.report.figures import analyze_runs
+from experiments.pipelines.report.render import fmt_value, to_markdown
+from experiments.pipelines.report.runs import normalizer_label
+from experiments.pipelines.report.simplex import main as simplex_figure
+from experiments.pipelines.report.tables import make_tables
 
 
 @dataclass(frozen=True)
 class Pipeline:
-    """One pipeline's smoke run, as its owner defines it."""
+    """One pipeline's smoke run: the app and experiment whose ``registry.demo`` names it."""
 
     key: str
     title: str
@@ -44,16 +53,19 @@ class Pipeline:
         return REPO_ROOT / (self.module.replace(".", "/") + ".py")
 
 
-PIPELINES: tuple[Pipeline, ...] = (
-    Pipeline("vision", "DeiT (digits)", "experiments.vision",
-             ("experiment=deit_tiny_imagenet", "profile=smoke")),
-    Pipeline("lm", "language model", "experiments.language_model",
-             ("experiment=lm_wikitext103", "profile=smoke")),
-    Pipeline("mt", "translation", "experiments.translation",
-             ("experiment=mt_iwslt14_deen", "profile=smoke")),
-    Pipeline("mechanism", "mechanism study", "experiments.mechanism",
-             ("experiment=mechanism_retrieval", "profile=smoke")),
-)  # fmt: skip
+def pipelines() -> tuple[Pipeline, ...]:
+    """The demo's pipelines, in table order: every experiment with a ``demo`` entry in its
+    registry block, run with ``profile=smoke``."""
+    demos = [e for e in registry.experiments().values() if e.demo_key]
+    return tuple(
+        Pipeline(
+            e.demo_key,
+            e.demo_title or e.demo_key,
+            e.module,
+            (f"experiment={e.name}", "profile=smoke"),
+        )
+        for e in sorted(demos, key=lambda e: (e.table_order, e.name))
+    )
 
 
 @dataclass
@@ -79,11 +91,11 @@ def run_smoke(
 ) -> Outcome:
     """One smoke run in ``run_dir`` (a fresh one unless ``reuse`` and it finished before);
     its output goes to ``run_dir/demo.log``."""
-    results = run_dir / "results.json"
+    results = run_dir / RESULTS_FILE
     if reuse and results.exists():
         try:  # the wall time the run took when it was made
-            seconds = float(json.loads(results.read_text()).get("wall_seconds", 0.0))
-        except (OSError, ValueError, TypeError):
+            seconds = float(RunResult.read(results).wall_seconds)
+        except (ValueError, TypeError):
             seconds = 0.0
         return Outcome(pipeline.key, normalizer, run_dir, "reused", seconds, _summary(results))
     if run_dir.exists():
@@ -109,19 +121,15 @@ def run_smoke(
 
 def _summary(results: Path) -> str:
     try:
-        data = json.loads(results.read_text())
-        return (
-            f"{data['metric_name']} {float(data['metric_value']):.4g} after {data['steps']} steps"
-        )
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        result = RunResult.read(results)
+        return f"{result.metric_name} {float(result.metric_value):.4g} after {result.steps} steps"
+    except (ValueError, TypeError) as err:
         return f"unreadable results.json ({err})"
 
 
 def write_readme(out: Path, outcomes: Sequence[Outcome], skipped: Sequence[str],
                  total: float) -> Path:  # fmt: skip
     """``out/README.md``: what the demo ran and where its tables and figures are."""
-    from experiments.core.io import atomic_write_text
-
     lines = [
         "# Smoke results (`make demo`)",
         "",
@@ -158,35 +166,31 @@ SMOKE_BEGIN = (
 SMOKE_END = "<!-- /smoke-results -->"
 # Files that show the smoke table (between the two markers), rewritten by every demo.
 SMOKE_TABLE_FILES = ("README.md", "docs/results.md")
+SMOKE_CSV_COLUMNS = ["model", "dataset", "normalizer", "output_normalizer", "metric_name", "mean"]
 
 
 def smoke_table(results: Path) -> str:
     """The smoke results as one Markdown table (a row per pipeline, a column per normaliser)
     and the demo's wall time, from the tables and README ``make demo`` wrote in ``results``."""
-    import csv
-    import re
-
-    from experiments.pipelines.report.tables import PAPER_ORDER, _fmt
-
-    rows: dict[tuple[str, str, str], dict[str, float]] = {}
-    for name in PAPER_ORDER:
-        path = results / f"{name}_smoke.csv"
-        if not path.exists():
-            continue
-        with path.open(newline="") as f:
-            for r in csv.DictReader(f):
-                same = r["output_normalizer"] in (r["normalizer"], "none")
-                label = r["normalizer"] if same else f"{r['normalizer']}/{r['output_normalizer']}"
-                key = (r["model"], r["dataset"], r["metric_name"])
-                rows.setdefault(key, {})[label] = float(r["mean"])
-    labels = list(dict.fromkeys(label for values in rows.values() for label in values))
-    lines = [
-        "| pipeline (smoke data) | metric | " + " | ".join(labels) + " |",
-        "|---|---|" + "---|" * len(labels),
-    ]
-    for (model, dataset, metric), values in rows.items():
-        cells = [_fmt(values[label]) if label in values else "—" for label in labels]
-        lines.append(f"| {model} ({dataset}) | {metric} | " + " | ".join(cells) + " |")
+    found = [results / f"{key}_smoke.csv" for key in registry.tables()]
+    frames = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in found if p.exists()]
+    rows = pd.concat(frames) if frames else pd.DataFrame(columns=SMOKE_CSV_COLUMNS)
+    rows = rows.assign(
+        pipeline=rows["model"] + " (" + rows["dataset"] + ")",
+        label=[normalizer_label(n, output=o) for n, o in zip(rows["normalizer"],
+                                                             rows["output_normalizer"], strict=True)],
+        mean=rows["mean"].astype(float),
+    )  # fmt: skip
+    table = rows.pivot_table(
+        index=["pipeline", "metric_name"],
+        columns="label",
+        values="mean",
+        aggfunc="last",
+        sort=False,
+    )
+    table = table.map(lambda v: "—" if pd.isna(v) else fmt_value(v)).reset_index()
+    table = table.rename(columns={"pipeline": "pipeline (smoke data)", "metric_name": "metric"})
+    lines = [to_markdown(table)]
     readme = results / "README.md"
     text = readme.read_text() if readme.exists() else ""
     took = re.search(r"Generated by `python -m scripts.demo` in (\d+:\d\d)", text)
@@ -205,8 +209,6 @@ def with_smoke_table(text: str, table: str) -> str:
 
 def write_smoke_tables(results: Path) -> list[Path]:
     """Rewrite the smoke table of every file in :data:`SMOKE_TABLE_FILES`."""
-    from experiments.core.io import atomic_write_text
-
     table = smoke_table(results)
     written = []
     for name in SMOKE_TABLE_FILES:
@@ -219,6 +221,7 @@ def write_smoke_tables(results: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    known = pipelines()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--normalizers",
@@ -227,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--pipelines",
-        default=",".join(p.key for p in PIPELINES),
-        help="comma list of: " + ", ".join(p.key for p in PIPELINES),
+        default=",".join(p.key for p in known),
+        help="comma list of: " + ", ".join(p.key for p in known),
     )
     parser.add_argument("--runs-dir", default="runs/demo")
     parser.add_argument("--out", default="results/smoke", help="tables and figures")
@@ -251,23 +254,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_dir, out = (REPO_ROOT / args.runs_dir).resolve(), (REPO_ROOT / args.out).resolve()
     normalizers = [n for n in args.normalizers.split(",") if n]
     wanted = [k for k in args.pipelines.split(",") if k]
-    unknown = set(wanted) - {p.key for p in PIPELINES}
+    unknown = set(wanted) - {p.key for p in known}
     if unknown:
         parser.error(f"unknown pipeline(s) {', '.join(sorted(unknown))}")
 
     print("[demo] simplex figure", flush=True)
-    try:
-        if args.no_simplex:
-            raise ImportError("--no-simplex")
-        from experiments.pipelines.report.simplex import main as simplex_figure
-
+    if args.no_simplex:
+        print("[demo]   skipped (--no-simplex)")
+    else:
         for path in simplex_figure(REPO_ROOT / args.figures):
             print(f"[demo]   wrote {os.path.relpath(path, REPO_ROOT)}")
-    except ImportError as err:
-        print(f"[demo]   skipped ({err})")
 
     skipped, todo = [], []
-    for p in PIPELINES:
+    for p in known:
         if p.key not in wanted:
             continue
         if not p.entry_point.exists():
@@ -281,15 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, (p, n) in enumerate(todo, start=1):
         prefix = f"[demo {i}/{len(todo)} {_duration(time.perf_counter() - start)}]"
         run_dir = runs_dir / f"{p.key}_{n}"
-        if not (args.reuse and (run_dir / "results.json").exists()):
+        if not (args.reuse and (run_dir / RESULTS_FILE).exists()):
             print(f"{prefix} {p.key} {n}: smoke run ... (log: {run_dir}/demo.log)", flush=True)
         o = run_smoke(p, n, run_dir, (f"logger={args.logger}",), args.reuse)
         outcomes.append(o)
         print(f"{prefix} {p.key} {n}: {o.status} in {_duration(o.seconds)}: {o.summary}",
               flush=True)  # fmt: skip
-
-    from experiments.pipelines.report.figures import analyze_runs
-    from experiments.pipelines.report.tables import make_tables
 
     finished = [o.run_dir for o in outcomes if o.status in ("ok", "reused")]
     print(f"[demo] tables -> {os.path.relpath(out, REPO_ROOT)}/", flush=True)

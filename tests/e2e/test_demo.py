@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from experiments.core.io import REPO_ROOT as REPO
+from experiments.pipelines import demo
 from experiments.pipelines.report.tables import make_tables
-from scripts import demo
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow  # two mechanism smoke runs + tables + figures: ~40 s alone, minutes when shared
@@ -52,17 +51,6 @@ def test_demo_tables_equal_the_runs_results(tmp_path: Path) -> None:
     with (tmp_path / "edited" / "mechanism_smoke.csv").open() as f:
         rows = {r["normalizer"]: r for r in csv.DictReader(f)}
     assert float(rows["multimax"]["mean"]) == 0.123456
-
-
-def test_missing_entry_point_is_skipped_with_a_message(tmp_path: Path, monkeypatch, capsys) -> None:
-    ghost = demo.Pipeline("ghost", "not written yet", "experiments.ghost_pipeline", ())
-    monkeypatch.setattr(demo, "PIPELINES", (ghost,))
-    code = demo.main(["--pipelines", "ghost", "--runs-dir", str(tmp_path / "r"), "--out",
-                      str(tmp_path / "o"), "--no-simplex"])  # fmt: skip
-    assert code == 0
-    stdout = capsys.readouterr().out
-    assert "skipping ghost: experiments/ghost_pipeline.py is not in this checkout yet" in stdout
-    assert "skipped: ghost" in (tmp_path / "o" / "README.md").read_text()
 
 
 def test_failed_run_is_reported_with_its_log(tmp_path: Path) -> None:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from apps import TINY_LM, TINY_MT, Background, app_env, run_app, train_losses, wait_dead
-from composition import compose
 
 from experiments.core.io import REPO_ROOT
 from experiments.core.results import read_results
-from experiments.pipelines.fairseq import run as fairseq_run
+from experiments.pipelines.fairseq import commands, run
+from experiments.pipelines.fairseq.progress import train_losses
+from tests.apps import TINY_LM, TINY_MT, Background, app_env, run_app, wait_dead
+from tests.composition import compose
 
 PROBE = str(Path(__file__).with_name("fairseq_rank_probe.py"))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -38,13 +39,13 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     for app, overrides in PIPELINES.values():
         cfg = compose(app, [*overrides, f"data.root={root}"])
-        fairseq_run.ensure_data(cfg)
+        run.ensure_data(cfg)
     return root
 
 
 def _train_args(app: str, overrides: list[str], save_dir: Path) -> list[str]:
     cfg = compose(app, overrides)
-    return fairseq_run.train_args(cfg, save_dir, cuda=False)
+    return commands.train_args(cfg, save_dir, cuda=False)
 
 
 @pytest.mark.parametrize("pipeline", ["lm", "mt"])

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from experiments.pipelines.fairseq import fairseq_corpora as dc
+from experiments.pipelines.fairseq import corpora as dc
 
 DE_EN, EN_DE, SPLIT_NAMES = ("de", "en"), ("en", "de"), ("train", "valid", "test")
 
@@ -274,26 +274,6 @@ def test_tool_versions_are_part_of_the_fingerprint(tmp_path, monkeypatch):
         dc.metadata, "version", lambda name: "9.9" if name == "sacremoses" else real(name)
     )
     assert dc.fingerprint(cfg) != before and dc.fingerprint(lm) == before_lm
-
-
-def test_imports_run_scripts_to_experiments_to_multimax():
-    """Data code has one home: nothing in experiments/ imports scripts/, nothing in
-    multimax/ imports experiments/ or scripts/."""
-    import ast
-
-    root = dc.REPO_ROOT
-    forbidden = {"experiments": {"scripts"}, "multimax": {"scripts", "experiments"}}
-    found = []
-    for package, bad in forbidden.items():
-        for path in sorted((root / package).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                names = []
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                    names = [node.module]
-                found += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in bad]
-    assert found == []
 
 
 def test_save_to_disk_copy_and_joined_dictionary(tmp_path):

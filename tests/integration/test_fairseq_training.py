@@ -3,7 +3,7 @@ builds them: the optimiser's weight-decay groups under every fairseq precision f
 output σ's gradient scale under clipping, the criterion's evaluation distribution and
 ε-perplexity, the resumable tasks' batches, and NaN fault injection.
 
-The recipes' flags come from the composed configs (``experiments.pipelines.fairseq.run.train_args``),
+The recipes' flags come from the composed configs (``experiments.pipelines.fairseq.commands.train_args``),
 with a tiny model and a toy dictionary appended; fairseq's ``options`` parse them exactly as
 ``fairseq-train`` does, and fairseq's own ``Trainer`` builds the optimiser.
 """
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from composition import compose
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.trainer import Trainer
 
 import multimax.integrations.fairseq_plugin as plugin
-from experiments.pipelines.fairseq import run as fairseq_run
+from experiments.pipelines.fairseq import commands
+from tests.composition import compose
 
 WORDS = [f"w{i}" for i in range(40)]
 TINY_LM = ["--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-input-dim", "16",
@@ -44,7 +44,7 @@ def recipe_args(data: Path, precision: list[str], overrides: list[str] = ()) -> 
     tiny model, on the CPU, with ``precision`` instead of the recipe's precision flags."""
     cfg = compose("language_model", ["experiment=lm_wikitext103", "normalizer=multimax",
                                      *overrides])  # fmt: skip
-    args = fairseq_run.train_args(cfg, data / "checkpoints", cuda=True)
+    args = commands.train_args(cfg, data / "checkpoints", cuda=True)
     assert "--fp16" in args and "--fp16-no-flatten-grads" in args  # what the recipe runs
     args = [a for a in args if a not in PRECISION_FLAGS]
     args[0] = str(data)

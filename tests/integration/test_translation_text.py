@@ -1,4 +1,4 @@
-"""experiments/data/translation_text.py: the recipe steps are sacremoses' and subword-nmt's,
+"""experiments/pipelines/fairseq/translation_text.py: the recipe steps are sacremoses' and subword-nmt's,
 the scores are fairseq's (checked against fairseq's own ``fairseq-score`` and Moses decoder)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""experiments/analyze.py: measurements on any nn.Module and figures from run directories."""
+"""experiments/attention_stats.py: measurements on any nn.Module and figures from run directories."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from PIL import Image
 from torch import nn
 
 import multimax
-from experiments.core.results import RunResult, write_results
+from experiments.core.results import RunResult
 from experiments.core.tracking import log_metrics
-from experiments.pipelines.report import figures as analyze
+from experiments.pipelines.report import attention_stats, figures, plots
 
 
 class TinyAttentionModel(nn.Module):
@@ -43,8 +43,8 @@ def model() -> TinyAttentionModel:
 
 def test_layer_statistics_per_layer(model: TinyAttentionModel) -> None:
     batches = [torch.randn(5, 3, 4, 4) * 4, (torch.randn(3, 3, 4, 4) * 4, torch.zeros(3))]
-    stats = analyze.layer_statistics(model, batches)
-    assert len(stats) == 2 and set(stats[0]) == {k for k, _ in analyze.STATISTICS}
+    stats = attention_stats.layer_statistics(model, batches)
+    assert len(stats) == 2 and set(stats[0]) == {k for k, _ in attention_stats.STATISTICS}
     assert stats[0]["share_zeros"] == 0.0  # softmax is never exactly zero
     assert stats[1]["share_zeros"] > 0.1  # sparsemax is
     assert stats[1]["entropy"] < stats[0]["entropy"]
@@ -53,13 +53,13 @@ def test_layer_statistics_per_layer(model: TinyAttentionModel) -> None:
 def test_causal_layers_do_not_count_masked_entries_as_zeros() -> None:
     torch.manual_seed(0)
     causal = TinyAttentionModel(["softmax"], causal=True)
-    (stats,) = analyze.layer_statistics(causal, [torch.randn(2, 3, 4, 4)])
+    (stats,) = attention_stats.layer_statistics(causal, [torch.randn(2, 3, 4, 4)])
     assert stats["share_zeros"] == 0.0
 
 
 def test_no_recorded_attention_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="no multimax.attention call"):
-        analyze.layer_statistics(nn.Linear(3, 3), [torch.randn(2, 3)])
+        attention_stats.layer_statistics(nn.Linear(3, 3), [torch.randn(2, 3)])
 
 
 def test_sigma_curves_of_every_multimax_module() -> None:
@@ -68,7 +68,7 @@ def test_sigma_curves_of_every_multimax_module() -> None:
         for p in m.normalizers[0].sigma_parameters():
             p.zero_()
         m.normalizers[0].low_coef[0] = -2.0  # slope 3 below b = 0, identity above
-    curves = analyze.sigma_curves(m)
+    curves = attention_stats.sigma_curves(m)
     assert [name for name, _, _ in curves] == ["normalizers.0", "normalizers.2", "head"]
     name, x, y = curves[0]
     assert x.min() <= -6 and x.max() >= 6
@@ -77,7 +77,7 @@ def test_sigma_curves_of_every_multimax_module() -> None:
 
 
 def test_attention_maps_on_the_patch_grid(model: TinyAttentionModel) -> None:
-    maps = analyze.attention_maps(model, torch.randn(3, 3, 4, 4))
+    maps = attention_stats.attention_maps(model, torch.randn(3, 3, 4, 4))
     assert maps.shape == (3, 4, 4)
     torch.testing.assert_close(maps.sum((1, 2)), torch.ones(3))  # mean of rows on the simplex
 
@@ -87,9 +87,9 @@ def _fake_run(root: Path, normalizer: str, seed: int, losses: list[float]) -> Pa
     for step, loss in enumerate(losses):
         log_metrics(run_dir, step * 10, {"train_loss": loss, "lr": 1e-3})
     log_metrics(run_dir, 30, {"val_top1": 50.0 + seed})
-    write_results(run_dir, RunResult(task="toy", dataset="d", model="tiny", normalizer=normalizer,
-                  output_normalizer=normalizer, seed=seed, metric_name="val_top1",
-                  metric_value=50.0, steps=30, wall_seconds=1.0, profile="smoke"))  # fmt: skip
+    RunResult(task="toy", dataset="d", model="tiny", normalizer=normalizer,
+              output_normalizer=normalizer, seed=seed, metric_name="val_top1",
+              metric_value=50.0, steps=30, wall_seconds=1.0, profile="smoke").write(run_dir)  # fmt: skip
     return run_dir
 
 
@@ -101,8 +101,8 @@ def test_training_curves_and_report(tmp_path: Path) -> None:
     broken.parent.mkdir()
     broken.write_text("{")
     out = tmp_path / "figures"
-    figures = analyze.analyze_runs([runs], out)
-    assert len(figures) == 1
+    made = figures.analyze_runs([runs], out)
+    assert len(made) == 1
     png = out / "training_curves_toy_smoke.png"
     assert (out / "training_curves_toy_smoke.pdf").stat().st_size > 1000
     with Image.open(png) as image:
@@ -114,47 +114,13 @@ def test_training_curves_and_report(tmp_path: Path) -> None:
 
 
 def test_plots_have_labelled_axes(model: TinyAttentionModel) -> None:
-    stats = {"softmax": analyze.layer_statistics(model, [torch.randn(2, 3, 4, 4)])}
-    fig = analyze.plot_layer_statistics(stats, "t")
+    stats = {"softmax": attention_stats.layer_statistics(model, [torch.randn(2, 3, 4, 4)])}
+    fig = plots.plot_layer_statistics(stats, "t")
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes if ax.get_visible())
-    fig = analyze.plot_sigma_curves({"m": analyze.sigma_curves(model)}, "t")
+    fig = plots.plot_sigma_curves({"m": attention_stats.sigma_curves(model)}, "t")
     assert fig.axes[0].get_xlabel() == "score x" and fig.axes[0].get_ylabel() == "σ(x)"
     images = torch.randn(2, 3, 4, 4)
-    fig = analyze.plot_attention_maps(images, {"softmax": analyze.attention_maps(model, images)},
+    fig = plots.plot_attention_maps(images, {"softmax": attention_stats.attention_maps(model, images)},
                                       "t")  # fmt: skip
     assert fig.axes[0].get_title() == "input"
     json.dumps(stats)  # plain floats
-
-
-@pytest.mark.slow  # trains a 1-epoch vision smoke model per normaliser: minutes on 2 cores
-@pytest.mark.skipif(
-    not (Path(__file__).resolve().parents[1] / "experiments" / "vision.py").exists(),
-    reason="vision app not present",
-)
-def test_figures_of_trained_vision_runs(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    for name in ("softmax", "multimax"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "experiments.vision", "experiment=deit_tiny_imagenet",
-             "profile=smoke", f"normalizer={name}", "logger=none", "trainer.epochs=1",
-             f"hydra.run.dir={tmp_path / 'runs' / name}"],
-            cwd=repo, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True,
-            text=True,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    figures = analyze.analyze_runs([tmp_path / "runs"], tmp_path / "figures")
-    model = json.loads((tmp_path / "runs" / "softmax" / "results.json").read_text())["model"]
-    names = {f.stem.name for f in figures}
-    assert names == {
-        "training_curves_image_classification_smoke",
-        f"attention_statistics_{model}_smoke",
-        f"sigma_curves_{model}_smoke",
-        f"attention_maps_{model}_smoke",
-    }
-    for fig in figures:
-        with Image.open(fig.stem.with_suffix(".png")) as image:
-            image.verify()

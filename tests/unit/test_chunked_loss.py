@@ -7,7 +7,7 @@ from pointwise_normalizers import NORMALIZERS
 
 from multimax import build_normalizer
 from multimax.chunked_loss import sigma_cross_entropy
-from multimax.fused import set_compile_policy
+from multimax.compile_policy import set_compile_policy
 from multimax.losses import NormalizerLoss
 
 
@@ -116,7 +116,7 @@ def test_compiled_chunked_loss_equals_plain_loss(norm):
 def test_half_precision_gradient_at_confident_targets(dtype, compiled, smoothing, name):
     """At a confident target p_t − 1 nearly cancels: the gradient must be as accurate as
     autograd through ``F.cross_entropy(σ(z.float()))`` rounded once to ``dtype``, against
-    float64 (issue 10: before, its median relative error was ~1 with most entries 0)."""
+    float64 (a regression once had a median relative error of ~1, most entries 0)."""
     import torch.nn.functional as F
 
     options = {"multimax": {"order": 2}, "multimax_order3": {"order": 3}}.get(name, {})
@@ -168,7 +168,7 @@ def test_half_precision_gradient_at_confident_targets(dtype, compiled, smoothing
     assert (got[confident] == 0).float().mean() <= (baseline[confident] == 0).float().mean() + 0.02
 
 
-# --- issue 11 -----------------------------------------------------------------------------------
+# --- second derivatives, autocast, inputs without tokens ---------------------------------------
 
 
 @pytest.mark.parametrize("norm", ["multimax2", "multimax3", "multimax_v2", "softmax_learned"])

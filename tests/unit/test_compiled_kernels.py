@@ -1,4 +1,4 @@
-"""Compiled kernels (issue 11, points 2 and 6): one graph per input pattern, reused for every
+"""Compiled kernels: one graph per input pattern, reused for every
 size; a beam search's many mask / size variants never hit dynamo's recompile limit; a
 kernel that does not compile runs eagerly with one warning; flex builds one block mask per
 mask and does not recompile per batch shape. Compilations are counted with dynamo's own
@@ -11,11 +11,13 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+import multimax.compile_policy
 import multimax.flex
-import multimax.fused
+import multimax.tiling
 from multimax import Normalizer, attention, build_normalizer
+from multimax.compile_policy import set_compile_policy
 from multimax.flex import FLEX_AVAILABLE
-from multimax.fused import PointwiseSigma, register_pointwise_sigma, set_compile_policy
+from multimax.sigma import PointwiseSigma, register_pointwise_sigma
 
 
 @pytest.fixture
@@ -23,12 +25,12 @@ def fresh_compiles():
     """Compile policy "always", empty dynamo caches and counters; restored afterwards."""
     previous = set_compile_policy("always")
     torch._dynamo.reset()
-    multimax.fused._COMPILED.clear()
+    multimax.compile_policy._COMPILED.clear()
     counters.clear()
     yield lambda: counters["stats"]["unique_graphs"]
     set_compile_policy(previous)
     torch._dynamo.reset()
-    multimax.fused._COMPILED.clear()
+    multimax.compile_policy._COMPILED.clear()
 
 
 def strong_multimax():
@@ -93,7 +95,7 @@ def test_a_beam_search_compiles_one_graph_per_pattern_and_no_more_for_new_sizes(
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             if scale == 1:
                 first = fresh_compiles() - before
-                (kern,) = multimax.fused._COMPILED.values()
+                (kern,) = multimax.compile_policy._COMPILED.values()
                 assert first == len(kern.graphs) <= len(beam_search_calls(1))
             else:
                 assert fresh_compiles() == before  # every pattern reused at new sizes
@@ -194,12 +196,12 @@ def test_flex_builds_one_block_mask_per_mask_and_no_graph_per_batch_shape(
 
 
 def test_causal_tiles_do_not_recompile_for_new_lengths(fresh_compiles, monkeypatch):
-    """Issue 14: a causal epoch in many tiles (rows split evenly, never one row alone; each
+    """A causal epoch in many tiles (rows split evenly, never one row alone; each
     tile's causal mask built in the kernel from its own sizes): one forward and one backward
     graph for every length, N == M and N != M (a cache)."""
-    monkeypatch.setattr(multimax.fused, "SLICE_SCORES", 64)
-    monkeypatch.setattr(multimax.fused, "CAUSAL_TILE_ROWS", 3)
-    monkeypatch.setattr(multimax.fused, "MIN_TILE_ROWS", 1)
+    monkeypatch.setattr(multimax.tiling, "SLICE_SCORES", 64)
+    monkeypatch.setattr(multimax.tiling, "CAUSAL_TILE_ROWS", 3)
+    monkeypatch.setattr(multimax.tiling, "MIN_TILE_ROWS", 1)
     normalizer = strong_multimax()
     for i, (b, n, m) in enumerate([(4, 6, 6), (3, 9, 11), (2, 13, 13), (5, 7, 10), (3, 17, 17)]):
         q, k, v, mask, _ = call_inputs(b, n, m, "padding", seed=i)
@@ -208,7 +210,7 @@ def test_causal_tiles_do_not_recompile_for_new_lengths(fresh_compiles, monkeypat
         want = attention(q, k, v, normalizer, mask=mask, is_causal=True, impl="reference")
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
         out.sum().backward()
-        assert len(multimax.fused.attention_tiles(q, k, v, True)) > 2
+        assert len(multimax.tiling.attention_tiles(q, k, v, True)) > 2
         if i == 0:
             first = fresh_compiles()
     assert fresh_compiles() == first == 2

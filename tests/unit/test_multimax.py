@@ -52,7 +52,7 @@ def test_modulate_matches_formula_with_hand_set_parameters(order):
 
 
 def test_first_order_slopes():
-    """t_b = 1 - a_1 below b, t_d = 1 + c_1 above d, identity in between (BRIEF §1)."""
+    """t_b = 1 - a_1 below b, t_d = 1 + c_1 above d, identity in between."""
     m = set_params(MultiMax(order=1), [0.0], [1.0], [-2.0], [-0.5])
     x = torch.tensor([-2.0, -1.0, 0.25, 0.75, 2.0, 3.0])
     y = m.modulate(x)
@@ -101,7 +101,7 @@ def test_any_order_has_four_scalars_per_term():
 
 
 def test_v2_is_a_learned_affine_map_then_first_order_sigma():
-    """MultiMaxV2(x) = softmax(σ₁(t·x + b)) (BRIEF §6), against the formula by hand."""
+    """MultiMaxV2(x) = softmax(σ₁(t·x + b)) , against the formula by hand."""
     m = multimax.build_normalizer("multimax_v2")
     assert isinstance(m, multimax.MultiMaxV2) and m.order == 1
     set_params(m, [-0.5], [1.0], [-2.0], [-0.5])

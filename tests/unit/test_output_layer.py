@@ -1,4 +1,4 @@
-"""The fused output layer (issue 14): σ + cross-entropy from the hidden states and the output
+"""The fused output layer: σ + cross-entropy from the hidden states and the output
 weight equals ``F.cross_entropy(σ(x·Wᵀ + b))`` in value and in the gradients of x, W, b and
 σ's parameters (label smoothing, ignore_index, every reduction, chunking, compiled kernels,
 half precision, second derivatives, no tokens), and never holds a (tokens, vocabulary)
@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from pointwise_normalizers import NORMALIZERS
 
 import multimax.output_layer
+from experiments.pipelines.benchmark.timing import cpu_peak_bytes
 from multimax import build_normalizer, linear_sigma_cross_entropy
-from multimax.fused import set_compile_policy
+from multimax.compile_policy import set_compile_policy
 
 
 def data(tokens=(3, 7), dim=12, vocab=50, bias=True, seed=0, dtype=torch.float32):
@@ -152,8 +153,6 @@ def _saved_sizes(fn):
 def test_no_tokens_by_vocabulary_tensor_is_kept_or_held(reduction, monkeypatch):
     """Nothing (T, V) is saved for backward, and forward + backward peak below one (T, V)
     float tensor (chunks of 16 tokens out of 512), where linear + cross_entropy holds several."""
-    from experiments.benchmark import peak_bytes
-
     normalizer = NORMALIZERS["multimax2"]()
     x, weight, bias, target = data(tokens=(512,), dim=16, vocab=2000)
     logits = 512 * 2000
@@ -168,8 +167,8 @@ def test_no_tokens_by_vocabulary_tensor_is_kept_or_held(reduction, monkeypatch):
         plain(x, weight, bias, target, normalizer, 0.0, reduction).sum().backward()
 
     assert max(_saved_sizes(fused)) < logits
-    held = peak_bytes(fused, torch.device("cpu"))
-    assert held < logits * 4 / 4 < 3 * logits * 4 < peak_bytes(standard, torch.device("cpu"))
+    held = cpu_peak_bytes(fused)
+    assert held < logits * 4 / 4 < 3 * logits * 4 < cpu_peak_bytes(standard)
     default = multimax.output_layer.chunk_bounds(4096, 267744, None)
     assert default[0] == (0, multimax.output_layer.MIN_CHUNK_TOKENS)  # big V: fewest tokens
 

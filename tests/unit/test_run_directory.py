@@ -1,22 +1,35 @@
-"""Shared run machinery: atomic files, checkpoint fallback, results.json, config plumbing."""
+"""The run directory and the files of a run: atomic files, checkpoint fallback,
+results.json, the metrics log, and the one lifecycle (finished? → lock → resume point →
+clock → trimmed metrics log → results) every pipeline opens."""
 
 import json
 import os
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from experiments.core.errors import RunStop
 from experiments.core.io import atomic_write_text
-from experiments.core.results import METRICS_LOG, RunResult, read_results, write_results
-from experiments.core.rundir import CHECKPOINT_LAST, load_checkpoint, save_checkpoint
-from experiments.core.setup import normalizer_options
-from experiments.core.tracking import finish_wandb, init_wandb, log_metrics
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from experiments.core.results import (
+    METRICS_LOG,
+    RESULTS_FILE,
+    RunResult,
+    read_results,
+    write_results,
+)
+from experiments.core.rundir import (
+    CHECKPOINT_LAST,
+    CLOCK_FILE,
+    LOCK_FILE,
+    ResumePoint,
+    RunDir,
+    RunLock,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from experiments.core.tracking import log_metrics
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -63,32 +76,6 @@ def test_results_round_trip_and_broken_files(tmp_path):
         read_results(path)
 
 
-def compose_normalizer(*overrides):
-    with initialize_config_dir(str(CONFIGS), version_base=None):
-        cfg = compose("suite", overrides=list(overrides))
-    OmegaConf.set_struct(cfg, False)
-    return OmegaConf.merge(cfg, {"model": {"output_normalizer": "${normalizer.name}"}})
-
-
-def test_normalizer_options_follow_the_config_groups():
-    cfg = compose_normalizer("normalizer=multimax", "normalizer.order=1")
-    assert normalizer_options(cfg) == ("multimax", {"order": 1})
-    assert normalizer_options(cfg, "output") == ("multimax", {"order": 1})
-    cfg.model.output_normalizer = "softmax"
-    assert normalizer_options(cfg, "output") == ("softmax", {})
-    cfg = compose_normalizer("normalizer=softmax_learned_temp")
-    assert normalizer_options(cfg)[1]["learn_temperature"] is True
-
-
-def test_every_normalizer_config_builds():
-    import multimax
-
-    for file in sorted((CONFIGS / "normalizer").glob("*.yaml")):
-        cfg = compose_normalizer(f"normalizer={file.stem}")
-        name, options = normalizer_options(cfg)
-        assert isinstance(multimax.build_normalizer(name, **options), multimax.Normalizer)
-
-
 def test_log_metrics_appends_jsonl(tmp_path):
     log_metrics(tmp_path, 1, {"loss": 2.0})
     log_metrics(tmp_path, 2, {"loss": 1.0, "top1": torch.tensor(50.0)})
@@ -96,38 +83,75 @@ def test_log_metrics_appends_jsonl(tmp_path):
     assert lines == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "top1": 50.0}]
 
 
-def test_wandb_offline_run_resumes_with_the_same_id(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose_normalizer("logger=wandb")
-    cfg.task = "unit"
-    run = init_wandb(cfg, tmp_path, name="first")
-    first_id = run.id
-    assert "normalizer=multimax" in run.tags
-    run.log({"loss": 1.0})
-    result = RunResult(
-        task="unit",
-        dataset="d",
-        model="m",
-        normalizer="multimax",
-        output_normalizer="multimax",
-        seed=0,
-        metric_name="top1",
-        metric_value=12.5,
-        steps=3,
-        wall_seconds=1.0,
-        metrics={"top5": 50.0},
-    )
-    finish_wandb(run, result)
-    # offline runs keep the summary in the run's protobuf log: its keys appear there verbatim.
-    # wandb 0.31's finish() can return before its service has flushed that log (measured: 1
-    # in 6 finishes saw only the 7-byte header, complete 2 s later), so wait for the flush.
-    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    deadline = time.monotonic() + 60
-    while b"metrics/top5" not in log.read_bytes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert b"metric_value" in log.read_bytes() and b"metrics/top5" in log.read_bytes()
-    run = init_wandb(cfg, tmp_path, name="again")
-    assert run.id == first_id
-    finish_wandb(run)
-    assert list((tmp_path / "wandb").glob(f"offline-run-*-{first_id}"))
-    assert init_wandb(compose_normalizer("logger=none"), tmp_path) is None
+def _result(steps: int, value: float = 50.0) -> RunResult:
+    return RunResult(task="unit", dataset="d", model="m", normalizer="softmax",
+                     output_normalizer="softmax", seed=0, metric_name="top1",
+                     metric_value=value, steps=steps, wall_seconds=1.0)  # fmt: skip
+
+
+def test_a_run_with_enough_steps_is_finished_and_left_untouched(tmp_path, capsys):
+    write_results(tmp_path, _result(steps=10))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with RunDir.open(tmp_path, total_steps=10, prefix="[x] ") as run:
+        assert run.finished is not None and run.finished.steps == 10
+        assert run.lock is None and run.clock is None
+    out = capsys.readouterr().out
+    assert out.startswith("[x] ") and "holds a finished run (top1 = 50.00" in out
+    assert "nothing to do" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no lock, no clock
+    with RunDir.open(tmp_path, total_steps=11) as run:  # a longer schedule: not finished
+        assert run.finished is None
+
+
+def test_open_locks_and_a_second_live_run_is_refused(tmp_path):
+    with RunDir.open(tmp_path, total_steps=5) as run:
+        assert run.lock is not None and run.lock_fds == (run.lock.fd,)
+        with pytest.raises(RunStop, match="in use by a live run"):
+            RunLock(tmp_path).__enter__()
+    with RunLock(tmp_path):  # released on leaving
+        pass
+    assert (tmp_path / LOCK_FILE).exists()
+
+
+def test_open_resumes_trims_the_curve_and_continues_the_clock(tmp_path):
+    log_metrics(tmp_path, 5, {"loss": 2.0})
+    log_metrics(tmp_path, 10, {"loss": 1.0})
+    with (tmp_path / METRICS_LOG).open("a") as log:
+        log.write('{"step": 11, "lo')  # a line cut short by a kill
+    atomic_write_text(tmp_path / CLOCK_FILE, json.dumps({"seconds": 100.0}))
+    with RunDir.open(tmp_path, total_steps=20, resume=lambda _: ResumePoint(5, "s", "note")) as run:
+        assert run.resume_step == 5 and run.resume.state == "s"
+        assert run.wall_seconds() >= 100.0  # the earlier invocations counted
+        path = run.write_results(_result(steps=20), None)
+    steps = [json.loads(x)["step"] for x in (tmp_path / METRICS_LOG).read_text().splitlines()]
+    assert steps == [5]
+    assert path == tmp_path / RESULTS_FILE and read_results(path).steps == 20
+    assert json.loads((tmp_path / CLOCK_FILE).read_text())["seconds"] >= 100.0
+    with RunDir.open(tmp_path, total_steps=20) as run:
+        assert run.finished is not None
+
+
+def test_a_run_at_step_0_restarts_the_clock_and_clears_the_curve(tmp_path, capsys):
+    log_metrics(tmp_path, 5, {"loss": 2.0})
+    atomic_write_text(tmp_path / CLOCK_FILE, json.dumps({"seconds": 100.0}))
+    with RunDir.open(tmp_path, total_steps=20) as run:  # no resume function: step 0
+        assert run.resume_step == 0 and run.wall_seconds() < 100.0
+    assert (tmp_path / METRICS_LOG).read_text() == ""
+
+
+def test_other_processes_neither_lock_nor_keep_the_clock(tmp_path):
+    with RunDir.open(tmp_path, total_steps=5, is_main=False) as run:
+        assert run.lock is None and run.clock is None and run.lock_fds == ()
+        run.tick()
+    assert not (tmp_path / LOCK_FILE).exists() and not (tmp_path / CLOCK_FILE).exists()
+
+
+def test_latest_checkpoint_is_the_newest_readable_one_with_a_line_when_none_reads(tmp_path):
+    assert latest_checkpoint(tmp_path) == ResumePoint(0)
+    save_checkpoint({"step": 3}, tmp_path)
+    point = latest_checkpoint(tmp_path)
+    assert point.step == 3 and point.state["step"] == 3 and point.note is None
+    (tmp_path / CHECKPOINT_LAST).write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="unreadable"):
+        point = latest_checkpoint(tmp_path)
+    assert point.step == 0 and "no readable checkpoint" in point.note

@@ -3,7 +3,7 @@
 import torch
 from PIL import Image
 
-from scripts import simplex_figure
+from experiments.pipelines.report import simplex as simplex_figure
 
 
 def test_figure_and_table_are_written(tmp_path):

@@ -1,24 +1,32 @@
-"""scripts/make_tables.py: results.json files in, tables out (numbers equal the files)."""
+"""The results tables: results.json files in, tables out (numbers equal the files); a run's
+table is the one its stored config's registry block names."""
 
 from __future__ import annotations
 
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from experiments.core.results import RunResult, write_results
-from scripts import make_tables as mt
+from experiments.core.io import REPO_ROOT as REPO
+from experiments.core.results import RunResult
+from experiments.pipelines.report import tables as mt
+from experiments.pipelines.report.wandb_runs import record_from_wandb
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _run(root: Path, sub: str, normalizer: str, seed: int, value: float, **kw) -> Path:
-    """A run directory with a results.json written by the shared runtime."""
+def _run(
+    root: Path,
+    sub: str,
+    normalizer: str,
+    seed: int,
+    value: float,
+    table: str | None = "imagenet_top1",
+    **kw,
+) -> Path:
+    """A run directory with a results.json written by RunResult, its config naming
+    ``table`` in its registry block (no block for None)."""
     fields = dict(
         task="image_classification",
         dataset="imagenet",
@@ -34,9 +42,11 @@ def _run(root: Path, sub: str, normalizer: str, seed: int, value: float, **kw) -
         config={"normalizer": {"name": normalizer}},
     )
     fields.update(kw)
+    if table is not None:
+        fields["config"] = {**fields["config"], "registry": {"table": table}}
     run_dir = root / sub
     run_dir.mkdir(parents=True)
-    write_results(run_dir, RunResult(**fields))
+    RunResult(**fields).write(run_dir)
     return run_dir
 
 
@@ -140,7 +150,8 @@ def test_wmt_compound_split_bleu_rows_of_their_own(tmp_path: Path) -> None:
     for i, (norm, bleu, split_bleu) in enumerate(
         [("softmax", 26.0, 27.0), ("multimax", 26.5, 28.0)]
     ):
-        _run(root, f"r{i}", norm, 0, bleu, metrics={"compound_split_bleu": split_bleu}, **wmt)
+        _run(root, f"r{i}", norm, 0, bleu, table="wmt_bleu",
+             metrics={"compound_split_bleu": split_bleu}, **wmt)  # fmt: skip
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"tables": {"wmt_bleu": {"rows": [
         {"model": "transformer_wmt_en_de", "normalizer": "softmax",
@@ -174,42 +185,36 @@ def test_duplicate_seed_keeps_newest(multirun: Path, tmp_path: Path) -> None:
     assert any("superseded" in n for n in notes)
 
 
+def _wandb_line(config: dict, summary: dict) -> dict:
+    """The table line a W&B run's config and summary give (ValueError when none)."""
+    return mt.table_lines(RunResult.from_dict(record_from_wandb(config, summary)), "w")[0]
+
+
 def test_wandb_record_and_offline_error(monkeypatch) -> None:
     config = {"task": "lm", "seed": 3, "model": {"name": "transformer_lm"},
               "normalizer": {"name": "multimax", "order": 2}, "profile": {"name": "paper"},
-              "data": {"name": "wikitext103"}}  # fmt: skip
-    run = mt.run_from_record(
-        mt.record_from_wandb(config, {"metric_name": "test_ppl", "test_ppl": 30.5}), "w"
-    )
-    assert (run.normalizer, run.output_normalizer, run.seed) == ("multimax", "multimax", 3)
-    assert mt.table_of(run).key == "wikitext103_ppl" and run.metric_value == 30.5
+              "data": {"name": "wikitext103"},
+              "registry": {"table": "wikitext103_ppl", "metric": "test_perplexity"}}  # fmt: skip
+    run = _wandb_line(config, {"metric_name": "test_ppl", "test_ppl": 30.5})
+    assert (run["normalizer"], run["output_normalizer"], run["seed"]) == ("multimax", "multimax", 3)
+    assert run["table"] == "wikitext103_ppl" and run["value"] == 30.5
     vision = {"task": "image_classification", "seed": 0, "model": {"name": "deit"},
-              "normalizer": {"name": "softmax"}}  # fmt: skip
-    record = mt.record_from_wandb(vision, {"top1": 71.5, "top5": 90.0})
-    assert mt.run_from_record(record, "w").metric_value == 71.5
+              "normalizer": {"name": "softmax"},
+              "registry": {"table": "imagenet_top1", "metric": "top1"}}  # fmt: skip
+    assert _wandb_line(vision, {"top1": 71.5, "top5": 90.0})["value"] == 71.5
     with pytest.raises(ValueError, match="metric_value"):
-        mt.run_from_record(mt.record_from_wandb(vision, {"top5": 90.0}), "w")
+        _wandb_line(vision, {"top5": 90.0})
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(SystemExit, match="WANDB_MODE=offline"):
         mt.make_tables(from_wandb="me/multimax-lm", out="unused")
-
-
-def test_cli_as_a_file(multirun: Path, tmp_path: Path) -> None:
-    out = tmp_path / "cli"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(multirun), "--out",
-         str(out)], capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "4 runs -> 1 tables, 2 rows" in proc.stdout
-    assert (out / "imagenet_top1.md").exists() and (out / "tables.md").exists()
 
 
 def test_language_model_table_compares_eps_perplexity_where_outputs_give_zeros(tmp_path):
     """A sparse output's headline is its ε-perplexity (its perplexity is null: some tokens
     got probability 0); every LM run also gets ε-perplexity and zero-share rows, so the
     sparse row has a softmax row of the same metric (and ε) to be compared with."""
-    lm = dict(task="language_model", dataset="wikitext103", model="transformer_lm")
+    lm = dict(task="language_model", dataset="wikitext103", model="transformer_lm",
+              table="wikitext103_ppl")  # fmt: skip
     eps = {"eps_perplexity_epsilon": 1e-6}
     _run(tmp_path, "soft", "softmax", 0, 20.0, **lm, metric_name="test_perplexity",
          metrics={"test_perplexity": 20.0, "test_eps_perplexity": 20.01,
@@ -235,5 +240,47 @@ def test_language_model_table_compares_eps_perplexity_where_outputs_give_zeros(t
 
 def test_null_headline_metric_is_skipped_with_its_reason(tmp_path):
     _run(tmp_path, "dead", "softmax", 0, float("nan"), null_reasons={"metric_value": "diverged"})
-    runs, problems = mt.load_runs([tmp_path])
-    assert runs == [] and len(problems) == 1 and "metric_value is null (diverged)" in problems[0]
+    lines = mt.lines_from_paths([tmp_path])
+    problems = lines.problems
+    assert (
+        lines.frame.empty
+        and len(problems) == 1
+        and "metric_value is null (diverged)" in problems[0]
+    )
+
+
+def test_run_without_a_registry_block_is_in_no_table(multirun: Path, tmp_path: Path) -> None:
+    stray = _run(multirun, "stray", "softmax", 5, 1.0, table=None) / "results.json"
+    _, problems = mt.make_tables([multirun], tmp_path / "t")
+    assert any(str(stray) in p and "not in any table" in p for p in problems)
+    assert _rows(tmp_path / "t" / "imagenet_top1.csv")["softmax"]["n"] == "2"
+
+
+def test_table_of_an_unregistered_experiment_comes_from_the_run(tmp_path: Path) -> None:
+    """A run whose experiment is not (or no longer) in configs/ still gets its table, titled
+    and ordered as the run's stored registry block says."""
+    run_dir = _run(tmp_path, "new", "softmax", 0, 3.0, table=None)
+    data = json.loads((run_dir / "results.json").read_text())
+    data["config"]["registry"] = {"table": "toy_table", "table_title": "Toy", "metric": "top1",
+                                  "metric_label": "toy accuracy", "higher_is_better": False,
+                                  "table_order": 7, "also": []}  # fmt: skip
+    (run_dir / "results.json").write_text(json.dumps(data))
+    mt.make_tables([tmp_path], tmp_path / "t")
+    md = (tmp_path / "t" / "toy_table.md").read_text()
+    assert md.startswith("## Toy: toy accuracy") and "lower is better" in md
+
+
+def test_markdown_and_latex_layout(multirun: Path, tmp_path: Path) -> None:
+    """The generated files keep their layout: an unpadded pipe table with one '---' per
+    column, and a booktabs float."""
+    mt.make_tables([multirun], tmp_path / "t")
+    md = (tmp_path / "t" / "imagenet_top1.md").read_text().splitlines()
+    assert md[6] == ("| model | dataset | attention | output | metric | mean ± std | n | seeds | "
+                     "Δ vs softmax | paper | paper Δ |")  # fmt: skip
+    assert md[7] == "|" + "---|" * 11
+    assert md[8] == ("| deit_tiny_gap_patch16_224 | imagenet | softmax | softmax | top1 | "
+                     "71.00 ± 1.41 | 2 | 0,1 | — | n/a | — |")  # fmt: skip
+    tex = (tmp_path / "t" / "imagenet_top1.tex").read_text().splitlines()
+    assert tex[2:6] == [r"\begin{table}[t]", r"\centering",
+                        r"\caption{ImageNet-1K: top-1 (\%)}", r"\begin{tabular}{lllllrrrrrr}"]  # fmt: skip
+    assert tex[-3:] == [r"\bottomrule", r"\end{tabular}", r"\end{table}"]

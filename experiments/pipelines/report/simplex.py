@@ -1,4 +1,4 @@
-"""The simplex picture (BRIEF §2): every normaliser applied to one path of 3-element scores.
+"""The simplex picture: every normaliser applied to one path of 3-element scores.
 
 The path x(θ) = r·(cos θ, cos(θ − 2π/3), cos(θ + 2π/3)) visits every ordering of three
 scores: one clear winner (θ = 0, 2π/3, 4π/3) and two tied winners over a loser (θ = π/3, π,
@@ -20,8 +20,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from experiments.core.io import atomic_write_text  # noqa: E402
+from experiments.pipelines.report.render import to_markdown  # noqa: E402
 from multimax import MultiMax, build_normalizer  # noqa: E402
 
 RADIUS = 2.0
@@ -79,10 +82,7 @@ def main(out_dir: str | Path = "results/figures") -> list[Path]:
     theta, x = score_path()
     items = panels()
     fig, axes = plt.subplots(1, len(items), figsize=(3.0 * len(items), 3.4))
-    lines = [
-        "| normaliser | mean mass on the smallest score | share of path with two modes |",
-        "|---|---|---|",
-    ]
+    rows = []
     for ax, (title, normalizer) in zip(axes, items):
         with torch.no_grad():
             p = normalizer(x)
@@ -91,7 +91,7 @@ def main(out_dir: str | Path = "results/figures") -> list[Path]:
         ax.plot(tri[:, 0], tri[:, 1], color="0.3", lw=1)
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=theta, cmap="twilight", s=4)
         leakage, two_modes = path_summary(p)
-        lines.append(f"| {title} | {leakage:.3f} | {two_modes:.2f} |")
+        rows.append([title, f"{leakage:.3f}", f"{two_modes:.2f}"])
         ties = [(theta - t).abs().argmin() for t in (math.pi / 3, math.pi, 5 * math.pi / 3)]
         ax.scatter(xy[ties, 0], xy[ties, 1], marker="x", color="crimson", s=40, zorder=3)
         ax.set_title(f"{title}\nleak {leakage:.3f}, two modes {two_modes:.0%}", fontsize=9)
@@ -130,9 +130,8 @@ def main(out_dir: str | Path = "results/figures") -> list[Path]:
         "the edges) while a large share of the path keeps two modes (the runner-up holds at "
         "least half the winner's mass) instead of collapsing to the vertices.\n\n"
     )
-    tmp = table.with_name(".simplex.md.tmp")
-    tmp.write_text(caption + "\n".join(lines) + "\n")
-    tmp.replace(table)
+    columns = ["normaliser", "mean mass on the smallest score", "share of path with two modes"]
+    atomic_write_text(table, caption + to_markdown(pd.DataFrame(rows, columns=columns)) + "\n")
     written.append(table)
     return written
 

@@ -1,307 +1,54 @@
-"""The DeiT training loop for ``experiments.vision``, read top to bottom: build the parts,
-resume if the run dir has a checkpoint, train with evaluation every epoch, write results.
-
-Checkpoints hold model, EMA, optimiser, scheduler, scaler, the sampler position and every
-process's RNG states, so a rerun in the same run dir continues where the last one stopped
-(exactly, at epoch ends and with ``data.num_workers=0``; mid-epoch with loader workers the
-data order continues exactly, the workers' augmentation draws do not).
+"""The DeiT training loop for ``experiments.vision``, read top to bottom: build the parts
+(``parts``), open the run directory (:class:`experiments.core.rundir.RunDir`: finished?,
+lock, resume point, clock, metrics log), restore the checkpoint (``state``), train with
+evaluation every epoch, write results. Also the dry run (two timed steps, the cost estimate).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 import multimax
-import multimax.integrations.timm  # noqa: F401 - registers the DeiT-GAP models
 from experiments.core.console import dry_run_report
-from experiments.core.errors import STOP_EXIT_CODE, ConfigError
 from experiments.core.io import atomic_write_text
-from experiments.core.results import RESULTS_FILE, RunResult, write_results
-from experiments.core.rundir import (
-    CHECKPOINT_LAST,
-    CHECKPOINT_PREVIOUS,
-    RunClock,
-    RunLock,
-    finished_result,
-    load_checkpoint,
-    resume_hint,
-    save_checkpoint,
-    trim_metrics_log,
-)
-from experiments.core.setup import (
-    DistributedContext,
-    init_distributed,
-    normalizer_options,
-    seed_everything,
-)
-from experiments.core.tracking import WANDB_ID_FILE, finish_wandb, init_wandb, log_metrics
+from experiments.core.results import RESULTS_FILE, RunResult
+from experiments.core.rundir import RunDir, latest_checkpoint
+from experiments.core.setup import init_distributed, normalizer_options, seed_everything
+from experiments.core.tracking import finish_wandb, init_wandb, log_metrics
 from experiments.pipelines.vision.data import (
     DataLayoutError,
-    VisionData,
-    build_data,
     data_root,
+    ensure_data,
     paper_steps_per_epoch,
     per_process_batch,
 )
+from experiments.pipelines.vision.parts import (
+    RESOLVED_CONFIG,
+    Parts,
+    autocast,
+    build_parts,
+    resolve_device,
+)
+from experiments.pipelines.vision.state import (
+    epoch_seed,
+    restore,
+    resumed_rng,
+    save_state,
+    set_rng_state,
+)
 from multimax.integrations.timm import GapVisionTransformer
-
-RESOLVED_CONFIG = "resolved_config.yaml"
-STOP_EXIT_CODE = STOP_EXIT_CODE
 
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-# --- parts ------------------------------------------------------------------------------------
-
-
-def build_model(cfg: DictConfig) -> GapVisionTransformer:
-    """The configured timm model (registered by ``multimax.integrations.timm``)."""
-    attn, attn_options = normalizer_options(cfg, "attention")
-    out, out_options = normalizer_options(cfg, "output")
-    return timm.create_model(
-        cfg.model.name,
-        num_classes=int(cfg.data.num_classes),
-        img_size=int(cfg.data.img_size),
-        in_chans=int(cfg.data.in_chans),
-        drop_rate=float(cfg.model.drop),
-        drop_path_rate=float(cfg.model.drop_path),
-        normalizer=attn,
-        normalizer_options=attn_options,
-        output_normalizer=out,
-        output_normalizer_options=out_options,
-        attention_impl=cfg.model.attention_impl,
-    )
-
-
-def learning_rate(cfg: DictConfig) -> float:
-    """DeiT's linear scaling: lr_base · global_batch / lr_base_batch."""
-    o = cfg.optim
-    return float(o.lr_base) * int(cfg.trainer.batch_size) / int(o.lr_base_batch)
-
-
-def build_optimizer(cfg: DictConfig, model: GapVisionTransformer) -> torch.optim.Optimizer:
-    """timm's optimiser factory on multimax's groups (no decay: σ scalars, biases, norms,
-    pos_embed)."""
-    o = cfg.optim
-    groups = multimax.param_groups(
-        model, float(o.weight_decay), extra_no_decay=model.no_weight_decay()
-    )
-    return create_optimizer_v2(
-        groups,
-        opt=o.opt,
-        lr=learning_rate(cfg),
-        weight_decay=float(o.weight_decay),
-        eps=float(o.eps),
-        betas=tuple(o.betas),
-    )
-
-
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Cosine with linear warm-up, updated every step (timm's scheduler factory)."""
-    o = cfg.optim
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=o.sched,
-        num_epochs=int(cfg.trainer.epochs),
-        warmup_epochs=int(o.warmup_epochs),
-        warmup_lr=float(o.warmup_lr),
-        min_lr=float(o.min_lr),
-        step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch,
-    )
-    return scheduler
-
-
-def build_loss(cfg: DictConfig, model: GapVisionTransformer, mixup: bool) -> nn.Module:
-    """The output normaliser's loss (sharing its σ): soft targets under Mixup / CutMix."""
-    if mixup:  # Mixup applies the label smoothing itself; its soft targets go to the same loss
-        return multimax.build_loss(model.output_normalizer)
-    return multimax.build_loss(
-        model.output_normalizer, label_smoothing=float(cfg.trainer.label_smoothing)
-    )
-
-
-def resolve_device(cfg: DictConfig, ctx: DistributedContext) -> torch.device:
-    choice = cfg.trainer.device
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "trainer.device=cuda: no CUDA device is visible; use trainer.device=auto or cpu"
-        )
-    return ctx.device
-
-
-def amp_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    choice = str(cfg.trainer.amp)
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@dataclass
-class Parts:
-    model: GapVisionTransformer  # the module itself (unwrapped)
-    train_model: nn.Module  # what the loop calls: DDP and / or compiled
-    ema: ModelEmaV3 | None
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    loss_fn: nn.Module
-    data: VisionData
-    device: torch.device
-    dtype: torch.dtype | None
-
-
-def build_parts(
-    cfg: DictConfig,
-    ctx: DistributedContext,
-    synthetic: bool = False,
-    batch_per_process: int | None = None,
-    num_workers: int | None = None,
-) -> Parts:
-    device = resolve_device(cfg, ctx)
-    seed_everything(int(cfg.seed))  # identical initial weights on every process
-    model = build_model(cfg).to(device)
-    data = build_data(cfg, ctx, synthetic, batch_per_process, num_workers)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, data.steps_per_epoch)
-    dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = ModelEmaV3(model, decay=float(cfg.trainer.ema_decay)) if cfg.trainer.ema else None
-    train_model: nn.Module = model
-    if ctx.is_distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.trainer.compile:
-        train_model = torch.compile(train_model)
-    loss_fn = build_loss(cfg, model, data.mixup is not None)
-    return Parts(
-        model, train_model, ema, optimizer, scheduler, scaler, loss_fn, data, device, dtype
-    )
-
-
-# --- RNG and checkpoint state ------------------------------------------------------------------
-
-
-def rng_state() -> dict:
-    """This process's RNG states in types that load with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Each epoch's augmentation / dropout stream is a function of (seed, epoch, rank)."""
-    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**31
-
-
-def gather(obj: Any, ctx: DistributedContext) -> list:
-    if not ctx.is_distributed:
-        return [obj]
-    out: list = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def save_state(
-    parts: Parts,
-    ctx,
-    run_dir: Path,
-    epoch: int,
-    batches: int,
-    step: int,
-    best: dict,
-    last_eval: dict,
-) -> None:
-    """Write the checkpoint (rank 0) after gathering every process's RNG state."""
-    rngs = gather(rng_state(), ctx)
-    if not ctx.is_main:
-        return
-    id_file = run_dir / WANDB_ID_FILE
-    state = {
-        "model": parts.model.state_dict(),
-        "ema": parts.ema.state_dict() if parts.ema is not None else None,
-        "optimizer": parts.optimizer.state_dict(),
-        "scheduler": parts.scheduler.state_dict(),
-        "scaler": parts.scaler.state_dict(),
-        "sampler": {"epoch": epoch, "batches_done": batches},
-        "step": step,
-        "best": best,
-        "last_eval": last_eval,
-        "rng": rngs,
-        "world_size": ctx.world_size,
-        "wandb_run_id": id_file.read_text().strip() if id_file.exists() else None,
-    }
-    save_checkpoint(state, run_dir)
-
-
-def load_state(parts: Parts, ctx, run_dir: Path) -> dict | None:
-    state = load_checkpoint(run_dir, map_location="cpu")
-    if state is None:
-        return None
-    parts.model.load_state_dict(state["model"])
-    if parts.ema is not None and state.get("ema") is not None:
-        parts.ema.load_state_dict(state["ema"])
-    parts.optimizer.load_state_dict(state["optimizer"])
-    parts.scheduler.load_state_dict(state["scheduler"])
-    parts.scaler.load_state_dict(state["scaler"])
-    return state
-
-
-def resumed_rng(state: dict | None, ctx) -> dict | None:
-    """This process's saved RNG state when resuming mid-epoch with the same process count."""
-    if state is None or not state["sampler"]["batches_done"]:
-        return None  # epoch starts re-seed from (seed, epoch, rank)
-    if state.get("world_size") == ctx.world_size:
-        return state["rng"][ctx.rank]
-    print(
-        f"[rank {ctx.rank}] resuming mid-epoch with {ctx.world_size} processes from a checkpoint "
-        f"of {state.get('world_size')}: this epoch's random streams are re-seeded"
-    )
-    seed_everything(epoch_seed(int(state["step"]), state["sampler"]["epoch"], ctx.rank))
-    return None
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -399,43 +146,30 @@ def train(cfg: DictConfig, run_dir: Path) -> RunResult | None:
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
     parts = build_parts(cfg, ctx)  # checks the data first: a refused run writes nothing
-    data = parts.data
-    seed = int(cfg.seed)
-    epochs, total = int(cfg.trainer.epochs), int(cfg.trainer.epochs) * data.steps_per_epoch
-    finished = finished_result(run_dir, total)
-    if finished is not None:
+    total = int(cfg.trainer.epochs) * parts.data.steps_per_epoch
+    with RunDir.open(
+        run_dir, total_steps=total, resume=latest_checkpoint, is_main=ctx.is_main
+    ) as run:
+        if run.finished is not None:
+            return run.finished
         if ctx.is_main:
-            print(
-                f"{run_dir} holds a finished run (top1 {finished.metric_value}, {finished.steps} "
-                "steps): nothing to do. Give another hydra.run.dir=... for a new run."
-            )
-        return finished
-    lock = RunLock(run_dir) if ctx.is_main else None
-    with lock or nullcontext():
-        if ctx.is_main:
-            config = OmegaConf.to_yaml(cfg, resolve=True)
-            atomic_write_text(run_dir / RESOLVED_CONFIG, config)
-        return _train(cfg, run_dir, ctx, parts, seed, epochs, total)
+            atomic_write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+        return _train(cfg, run, ctx, parts)
 
 
-def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs: int, total: int):
-    data = parts.data
-    had_checkpoint = any(
-        (run_dir / name).exists() for name in (CHECKPOINT_LAST, CHECKPOINT_PREVIOUS)
-    )
-    state = load_state(parts, ctx, run_dir)
-    resume_rng = resumed_rng(state, ctx)
+def _train(cfg: DictConfig, run: RunDir, ctx, parts: Parts) -> RunResult | None:
+    data, run_dir = parts.data, run.path
+    seed, epochs = int(cfg.seed), int(cfg.trainer.epochs)
+    total = epochs * data.steps_per_epoch
+    state = run.resume.state
     step, epoch, batches_done, best = 0, 0, 0, {"top1": float("-inf")}
     if state is not None:
+        restore(parts, state)
         step, best = int(state["step"]), dict(state["best"])
         epoch, batches_done = state["sampler"]["epoch"], state["sampler"]["batches_done"]
         if ctx.is_main:
             print(f"resuming from {run_dir} at step {step} (epoch {epoch}, batch {batches_done})")
-    elif had_checkpoint and ctx.is_main:
-        print(f"no readable checkpoint in {run_dir}: starting over from step 0")
-    clock = RunClock(run_dir, start_over=state is None) if ctx.is_main else None
-    if ctx.is_main:
-        trim_metrics_log(run_dir, step)
+    resume_rng = resumed_rng(state, ctx)
     wandb_run = init_wandb(cfg, run_dir) if ctx.is_main else None
     stop_after = cfg.trainer.stop_after_steps
     stop_at = step + int(stop_after) if stop_after is not None else None
@@ -492,7 +226,7 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
                             {"train_loss": loss, "lr": lr, "images_per_s": rate, "epoch": epoch},
                             wandb_run,
                         )
-                        clock.tick(min_interval=5.0)
+                        run.tick(min_interval=5.0)
                 epoch_end = batches_done == data.steps_per_epoch
                 if epoch_end:
                     if (epoch + 1) % int(cfg.trainer.eval_every_epochs) == 0 or epoch + 1 == epochs:
@@ -511,15 +245,14 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
                     epoch, batches_done = epoch + 1, 0
                 if epoch_end or step % every_ckpt == 0 or step == stop_at:
                     save_state(parts, ctx, run_dir, epoch, batches_done, step, best, metrics)
-                    if clock is not None:
-                        clock.tick()
+                    run.tick()
                 if epoch_end:  # images/s counts training only, not evaluation or saving
                     window_time = time.perf_counter()
                 if step == stop_at:
                     if ctx.is_main:
                         print(
                             f"stopped after {stop_after} steps (trainer.stop_after_steps) at step "
-                            f"{step}; {resume_hint(run_dir)}"
+                            f"{step}; {run.resume_hint()}"
                         )
                     finish_wandb(wandb_run)
                     return None
@@ -532,7 +265,7 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
         raise
     if not ctx.is_main:
         return None
-    wall = clock.total()
+    wall = run.wall_seconds()
     mean_rate = train_images / train_seconds if train_seconds > 0 else float("nan")
     reasons = {} if train_seconds > 0 else {"train_images_per_s": "no training step in this run"}
     attn_paths = ", ".join(parts.model.attention_paths()) or "unknown"
@@ -551,8 +284,7 @@ def _train(cfg: DictConfig, run_dir: Path, ctx, parts: Parts, seed: int, epochs:
         metrics={**metrics, "best_top1": best["top1"], "train_images_per_s": mean_rate},
         null_reasons=reasons,
     )
-    write_results(run_dir, result, cfg)
-    clock.tick()
+    run.write_results(result, cfg)
     if wandb_run is not None:
         wandb_run.summary.update({**result.metrics, "attention_path": attn_paths})
     finish_wandb(wandb_run, result)
@@ -583,8 +315,6 @@ def dry_run(cfg: DictConfig) -> str:
         per_device if device.type == "cuda" else min(per_device, int(cfg.trainer.dry_run_cpu_batch))
     )
     try:
-        from experiments.pipelines.vision.data import ensure_data
-
         ensure_data(cfg)
         synthetic = False
     except DataLayoutError:

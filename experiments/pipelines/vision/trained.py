@@ -12,7 +12,7 @@ from torch import Tensor
 
 from experiments.core.rundir import load_checkpoint
 from experiments.pipelines.vision.data import build_datasets
-from experiments.pipelines.vision.train import RESOLVED_CONFIG, build_model
+from experiments.pipelines.vision.parts import RESOLVED_CONFIG, build_model
 from multimax.integrations.timm import GapVisionTransformer
 
 
