@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .compile_policy import kernel, use_compiled_kernels
+from .cross_entropy_rows import sigma_ce_terms, softmax_minus_target
 from .function_grads import autograd_backward, split_params
 from .normalizers import Normalizer
 from .precision import autocast_disabled, upcast
@@ -31,32 +32,6 @@ from .sigma import PointwiseSigma, pointwise_sigma
 
 # Elements of one chunk (tokens × vocabulary): a few MiB, so chunk temporaries stay small.
 CHUNK_ELEMENTS = 1 << 21
-
-
-def sigma_ce_terms(sigma, x, target, smoothing, params):
-    """Per row of logits x (C, V), already in float32 or float64: h = σ(x), the log-sum-exp
-    of h as (m, log s), h_t = σ(x_t) and the smoothed loss, each (C, 1) but h."""
-    h = sigma.forward(x, *params)
-    m = h.amax(-1, keepdim=True)
-    log_s = torch.log(torch.exp(h - m).sum(-1, keepdim=True))
-    # σ of the gathered logit, not a gather of σ: a gather from a fused σ defeats
-    # vectorisation in the compiled kernel (several times slower on the CPU).
-    h_t = sigma.forward(x.gather(-1, target.unsqueeze(-1)), *params)
-    loss = (m - (1.0 - smoothing) * h_t - smoothing * h.mean(-1, keepdim=True)) + log_s
-    return h, m, log_s, h_t, loss
-
-
-def softmax_minus_target(h, m, log_s, target, smoothing):
-    """p − q, p = softmax(h) from its log-sum-exp (m, log s), q = (1 − ε)·onehot(t) + ε/V.
-
-    In one expression: at a confident target p_t − 1 is exact in floating point (Sterbenz),
-    where adding the two parts computed apart cancels catastrophically. The one-hot is a
-    comparison with the column index, not a gather or scatter, so the compiled loop stays
-    vectorised."""
-    vocab = h.shape[-1]
-    is_target = torch.arange(vocab, device=h.device) == target.unsqueeze(-1)
-    q = torch.where(is_target, 1.0 - smoothing + smoothing / vocab, smoothing / vocab)
-    return torch.exp((h - m) - log_s) - q
 
 
 def _ce_forward_kernel(sigma, z, target, smoothing, params):

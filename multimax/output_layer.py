@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .chunked_loss import sigma_ce_terms, softmax_minus_target
 from .compile_policy import kernel, use_compiled_kernels
+from .cross_entropy_rows import sigma_ce_terms, softmax_minus_target
 from .function_grads import autograd_backward, split_params
 from .normalizers import Normalizer
 from .precision import autocast_disabled, upcast
