@@ -1,17 +1,8 @@
-"""Results tables from runs: every number comes from a run's ``results.json`` (or W&B).
+"""Results tables (Markdown, CSV, LaTeX) from runs' results.json files or W&B
+(``experiments.pipelines.report.tables``).
 
     python scripts/make_tables.py RUNS_DIR... --out results/
     python scripts/make_tables.py --from-wandb ENTITY/PROJECT --out results/
-
-Finds every ``results.json`` under the given directories (Hydra single-run and multirun
-layouts alike), groups runs by paper table × profile × model × dataset × attention
-normaliser × output normaliser, aggregates seeds (mean ± sample std, n) and writes per table
-a Markdown, a CSV and a LaTeX file side by side with the paper's value from
-``results/paper_reference.json`` (null → "n/a") and the difference to the softmax row of
-the same model. Runs of a profile other than ``paper`` (e.g. ``smoke``) go to separate,
-clearly labelled tables (``<table>_<profile>.*``). Broken or partial ``results.json`` files
-are reported by path and skipped; a seed that appears twice in one group keeps the newest
-run and reports the older one.
 """
 
 import sys

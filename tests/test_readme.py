@@ -310,7 +310,7 @@ def test_the_plugins_fairseq_command_lines_parse_as_written():
 
 
 def test_the_smoke_table_is_the_one_results_smoke_gives():
-    from scripts import demo
+    from experiments.pipelines import demo
 
     table = demo.smoke_table(REPO_ROOT / "results" / "smoke")
     assert "| softmax | multimax |" in table and "make demo` made these" in table
@@ -324,8 +324,8 @@ def test_no_page_quotes_smoke_numbers_of_its_own():
     """Outside the written tables no page repeats a smoke result (it would go stale)."""
     import csv
 
-    from experiments.pipelines.report.tables import _fmt
-    from scripts import demo
+    from experiments.pipelines.report.render import fmt_value as _fmt
+    from experiments.pipelines import demo
 
     numbers = set()
     for path in (REPO_ROOT / "results" / "smoke").glob("*_smoke.csv"):
@@ -343,7 +343,7 @@ def test_no_page_quotes_smoke_numbers_of_its_own():
 
 def test_the_smoke_table_follows_the_results(tmp_path):
     """The table is made from results/smoke's files: change a result, the table changes."""
-    from scripts import demo
+    from experiments.pipelines import demo
 
     results = tmp_path / "smoke"
     shutil.copytree(REPO_ROOT / "results" / "smoke", results)

@@ -27,11 +27,6 @@ invocation wrote it, and sets the project's output (``configure_output``).
 
 from __future__ import annotations
 
-import difflib
-import json
-import re
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,10 +37,9 @@ from hydra.core.override_parser.types import IntervalSweep, Override
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import ValidationError
 
-from experiments.config import options
+from experiments.config import messages, options
 from experiments.config.schemas import JUDGED_BY_FAIRSEQ, SCHEMAS, Passthrough
 from experiments.core import registry
 from experiments.core.console import configure_output
@@ -79,148 +73,6 @@ def _wrong_app(app: str, cfg: DictConfig, choices: Mapping[str, str]) -> list[st
     return out
 
 
-# --- the schema's verdict, one line per key --------------------------------------------------------
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-
-def _suggest(name: Any, candidates: Iterable[Any]) -> str:
-    """``; did you mean X?`` for the closest candidate (by spelling, else by a shared word:
-    ``lr`` -> ``lr_base``), or nothing."""
-    names = [str(c) for c in candidates]
-    close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
-    close = close or [c for c in names if str(name) in c.split("_")][:1]
-    return f"; did you mean {close[0]}?" if close else ""
-
-
-_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-
-
-def describe(tp: Any, constraints: Iterable[Any] = ()) -> str:
-    """What a schema type allows, in words (``an integer >= 1 or auto``)."""
-    args = typing.get_args(tp)
-    origin = typing.get_origin(tp)
-    if origin is typing.Annotated:
-        extra = [m for meta in args[1:] for m in getattr(meta, "metadata", [meta])]
-        return describe(args[0], [*constraints, *extra])
-    if origin in (typing.Union, types.UnionType):
-        text = " or ".join(describe(a) for a in args if a is not type(None))
-        return text + (" or null" if type(None) in args else "")
-    if origin is typing.Literal:
-        return "one of " + ", ".join(map(str, args))
-    bounds = " and ".join(
-        f"{op} {getattr(c, name):g}" for c in constraints for name, op in _BOUNDS.items()
-        if getattr(c, name, None) is not None
-    )  # fmt: skip
-    if tp is bool:
-        return "true or false"
-    if tp in (int, float):
-        return ("an integer" if tp is int else "a number") + (f" {bounds}" if bounds else "")
-    if origin is list:
-        sizes = {getattr(c, n) for c in constraints for n in ("min_length", "max_length")
-                 if getattr(c, n, None) is not None}  # fmt: skip
-        size = f" of {sizes.pop()}" if len(sizes) == 1 else ""
-        return f"a list{size} (each {describe(args[0])})"
-    if origin is dict:
-        return f"a mapping (each value {describe(args[1])})"
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return "a mapping of " + ", ".join(tp.model_fields)
-    return "a string" if tp is str else str(tp)
-
-
-def _model_in(tp: Any) -> type[BaseModel] | None:
-    """The schema section a type holds (``Section | None`` holds ``Section``)."""
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return tp
-    found = [m for a in typing.get_args(tp) if (m := _model_in(a)) is not None]
-    return found[0] if len(found) == 1 and typing.get_origin(tp) is not dict else None
-
-
-def _walk(schema: type[BaseModel], loc: tuple) -> tuple[list[str], Any, FieldInfo | None, Any]:
-    """(key parts, the type there, its field, the section holding it) along a pydantic error
-    location, stopping at a leaf (a union member's tag is not a key)."""
-    parts: list[str] = []
-    tp: Any = schema
-    field = section = None
-    for element in loc:
-        model = _model_in(tp)
-        if model is not None:
-            section = model
-            parts.append(str(element))
-            field = model.model_fields.get(str(element))
-            if field is None:
-                return parts, None, None, section  # a key the section does not name
-            tp = field.annotation
-        elif typing.get_origin(tp) is dict:
-            parts.append(str(element))
-            tp, field = typing.get_args(tp)[1], None
-        else:
-            break
-    return parts, tp, field, section
-
-
-def _at(data: Any, parts: list[str]) -> Any:
-    for part in parts:
-        data = data.get(part) if isinstance(data, Mapping) else None
-    return data
-
-
-def _shipped_example(key: str, app: str, choices: Mapping[str, str]) -> str:
-    """``; e.g. KEY=VALUE (configs/FILE)``: the key's value in a file this run selected."""
-    group, _, rest = key.partition(".")
-    files = [(f"experiment/{choices['experiment']}.yaml", key)] if "experiment" in choices else []
-    files += [(f"{group}/{choices[group]}.yaml", rest)] if group in choices and rest else []
-    files += [(f"{app}.yaml", key), ("suite.yaml", key)]
-    for name, path in files:
-        file = options.CONFIG_DIR / name
-        value = _at(OmegaConf.to_container(OmegaConf.load(file)), path.split(".")) \
-            if file.is_file() else None  # fmt: skip
-        if value is not None and not isinstance(value, dict | list) and "${" not in str(value):
-            return f"; e.g. {key}={_show(value)} (configs/{name})"
-    return ""
-
-
-def _message(error: Any, app: str, data: Any, choices: Mapping[str, str]) -> tuple[str, str]:
-    """(the key, one line) for one pydantic error."""
-    parts, tp, field, section = _walk(SCHEMAS[app], error["loc"])
-    key = ".".join(parts)
-    value = _at(data, parts)
-    kind = error["type"]
-    if kind == "cross":
-        return key, error["msg"]
-    if kind == "extra_forbidden":
-        parent, _, leaf = key.rpartition(".")
-        siblings = list(section.model_fields) if section else []
-        hint = _suggest(leaf, siblings)
-        hint = hint.replace("mean ", f"mean {parent}.") if parent else hint
-        where = f"{parent} has" if parent else "the top level has"
-        return key, (
-            f"{key}={_show(value)}: experiments.{app} has no setting {key}, so nothing would "
-            f"read it{hint} ({where}: {', '.join(siblings)})"
-        )
-    metadata = field.metadata if field is not None and tp is field.annotation else []
-    allowed = describe(tp, metadata)
-    hint = ""
-    if kind == "choice":
-        allowed = "one of " + ", ".join(error["ctx"]["choices"])
-        hint = _suggest(value, error["ctx"]["choices"])
-    elif kind == "shape":
-        allowed = error["msg"]
-    elif isinstance(value, str) and typing.get_origin(tp) is typing.Literal:
-        hint = _suggest(value, typing.get_args(tp))
-    what = f" ({field.description})" if field is not None and field.description else ""
-    if kind == "missing":
-        return key, f"{key}: missing; experiments.{app} needs it ({allowed}{what})"
-    example = hint or _shipped_example(key, app, choices)
-    return key, f"{key}={_show(value)}: expected {allowed}{what}{example}"
-
-
 # --- fairseq's own options, checked by fairseq ----------------------------------------------------
 
 
@@ -230,7 +82,7 @@ def _for_fairseq(app: str, overrides: Iterable[str]) -> list[str]:
     keys = []
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("~+")
-        parts, tp, field, section = _walk(SCHEMAS[app], tuple(key.split(".")))
+        parts, tp, field, section = messages.walk(SCHEMAS[app], tuple(key.split(".")))
         if len(parts) != len(key.split(".")) or section is None:
             continue
         untyped = field is None and issubclass(section, Passthrough)
@@ -248,31 +100,7 @@ def fairseq_problems(cfg: DictConfig, keys: list[str]) -> list[str]:
         return [str(stop)]
     except RuntimeError as err:
         return [f"{', '.join(keys)}: {err}"]
-    return [_fairseq_message(program, error, keys) for program, error in found if error]
-
-
-def _fairseq_message(program: str, error: str, keys: list[str]) -> str:
-    """fairseq's argparse error as a line about our config keys."""
-
-    def key_of(flag: str) -> str:
-        name = flag.lstrip("-").replace("-", "_")
-        return next((k for k in keys if k.endswith("." + name)), flag)
-
-    unknown = re.search(r"unrecognized arguments: (.*)", error)
-    if unknown:
-        flags = [f for f in unknown.group(1).split() if f.startswith("--")]
-        return (
-            f"{', '.join(map(key_of, flags))}: {program} has no option {', '.join(flags)} with "
-            f"this architecture, task, criterion and optimizer; remove it (see {program} --help "
-            "for the options there are)"
-        )
-    bad = re.search(r"argument (--[\w-]+)(?:/-\w+)?: (.*)", error)
-    if bad:
-        why = re.sub(
-            r" \(choose from .*\)", f" (see {program} --help for the choices)", bad.group(2)
-        )
-        return f"{key_of(bad.group(1))}: {program} refuses it: {why}"
-    return f"{', '.join(keys)}: {program} refuses the options: {error}"
+    return [messages.fairseq_line(program, error, keys) for program, error in found if error]
 
 
 # --- the check ------------------------------------------------------------------------------------
@@ -303,7 +131,7 @@ def problems(cfg: DictConfig, app: str, choices: Mapping[str, str] | None = None
     except ValidationError as err:
         lines: dict[str, str] = {}
         for error in err.errors():
-            key, line = _message(error, app, data, choices)
+            key, line = messages.line(error, app, data, choices)
             lines.setdefault(key, line)  # one line per key: a union's members all object
         return list(lines.values())
     keys = _for_fairseq(app, overrides) if fairseq_check else []
@@ -347,20 +175,19 @@ def sweep_samples(task_overrides: list[str], params: Mapping[str, str] | None = 
 
 def sweep_problems(config_name: str, task_overrides: list[str],
                    params: Mapping[str, str] | None = None) -> list[str]:  # fmt: skip
-    """:func:`problems` of each of the :func:`sweep_samples` of a sweep."""
+    """:func:`problems` of the first of the :func:`sweep_samples` of a sweep that has any."""
     hydra = GlobalHydra.instance().hydra
     samples = sweep_samples(task_overrides, params)
-    out = []
     for job in samples:
         label = f"sweep point {' '.join(job)}" if len(samples) > 1 else "sweep"
         try:
             cfg = hydra.compose_config(config_name, job, run_mode=RunMode.RUN)
         except Exception as err:  # noqa: BLE001 - Hydra's own composition errors
-            out.append(f"{label}: {' '.join(str(err).split())}")
-            continue
+            return [f"{label}: {' '.join(str(err).split())}"]
         found = problems(cfg, config_name, cfg.hydra.runtime.choices, overrides=job)
-        out += [f"{label}: {p}" for p in found]
-    return out
+        if found:
+            return [f"{label}: {p}" for p in found]
+    return []
 
 
 # --- the Hydra callback ---------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class RunResult:
     def registry(self) -> dict[str, Any]:
         """The experiment's ``registry:`` block as the run stored it ({} for a run made
         before experiments declared one)."""
-        block = self.config.get("registry")
+        block = (self.config or {}).get("registry")
         return dict(block) if isinstance(block, Mapping) else {}
 
     @property
@@ -64,7 +64,7 @@ class RunResult:
     def normalizer_options(self) -> dict[str, Any]:
         """The attention normaliser's options from the stored config ({} when it has none,
         or when the config names another normaliser)."""
-        options = self.config.get("normalizer")
+        options = (self.config or {}).get("normalizer")
         if not isinstance(options, Mapping) or options.get("name", self.normalizer) != (
             self.normalizer
         ):

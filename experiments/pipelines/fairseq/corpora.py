@@ -13,6 +13,10 @@ A finished data-bin carries ``PREPARED.json`` with the fingerprint of the settin
 the tools' versions) it was built from; it is rebuilt only when that changes, and always in
 a temporary folder renamed into place at the end (an interrupted build never looks
 finished).
+
+One module of ~430 lines on purpose: it reads top to bottom as the recipe runs (settings and
+fingerprint → reading the corpus → text files → binarising → the language-model and
+translation recipes); the text steps themselves live in ``translation_text``.
 """
 
 from __future__ import annotations

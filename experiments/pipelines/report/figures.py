@@ -81,6 +81,7 @@ def _load_vision(run_dir: Path, num_images: int = 64, batch_size: int = 32) -> A
     (class-sorted) split, and 4 of them, far apart, for the attention maps."""
     from torch.utils.data import DataLoader, Subset
 
+    # the vision pipeline (timm, torchvision): loaded only for runs of that task
     from experiments.pipelines.vision.data import build_datasets
     from experiments.pipelines.vision.trained import load_trained_model
 
@@ -97,9 +98,7 @@ def _load_vision(run_dir: Path, num_images: int = 64, batch_size: int = 32) -> A
 def _load_fairseq(run_dir: Path, num_batches: int = 4, max_tokens: int = 1024) -> AnalysedRun:
     """A fairseq run's best checkpoint (through the plugin) and the first batches of its
     validation split; fairseq's ``net_input`` dicts are the model's keyword arguments."""
-    import argparse
-
-    from fairseq import checkpoint_utils, utils
+    from fairseq import checkpoint_utils, utils  # heavy: only runs of a fairseq task need it
 
     from multimax.integrations.fairseq_checkpoints import load_fairseq_checkpoint
 

@@ -102,6 +102,7 @@ def table_lines(
     if not math.isfinite(value):
         raise ValueError(f"metric_value is {value} (diverged or unfinished run)")
     spec = spec or table_spec(result.table, result)
+    metrics = result.metrics or {}
     line = {
         "table": spec.key,
         "profile": str(result.profile or "paper"),
@@ -109,7 +110,7 @@ def table_lines(
         "dataset": str(result.dataset or ""),
         "normalizer": run_label(result, with_output=False),
         "output_normalizer": str(result.output_normalizer),
-        "metric_name": metric_label(result.metric_name, result.metrics),
+        "metric_name": metric_label(result.metric_name, metrics),
         "metric": result.metric_name,
         "seed": seed,
         "value": value,
@@ -118,7 +119,7 @@ def table_lines(
     }
     lines = [line]
     for name in spec.also:
-        also, label = result.metrics.get(name), metric_label(name, result.metrics)
+        also, label = metrics.get(name), metric_label(name, metrics)
         if label != line["metric_name"] and isinstance(also, int | float) and math.isfinite(also):
             lines.append({**line, "metric_name": label, "metric": name, "value": float(also)})
     return lines
