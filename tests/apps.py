@@ -162,15 +162,3 @@ def strict_json(path: Path) -> dict:
         raise ValueError(f"{path}: {name} is not JSON")
 
     return json.loads(path.read_text(), parse_constant=refuse)
-
-
-def train_losses(train_log: Path) -> dict[int, float]:
-    """{update: training loss} from fairseq's ``train_inner`` lines in ``train.log``."""
-    import re
-
-    losses = {}
-    for line in train_log.read_text().splitlines():
-        m = re.search(r"train_inner\b.* loss=([\d.]+),.* num_updates=(\d+),", line)
-        if m:
-            losses[int(m.group(2))] = float(m.group(1))
-    return losses

@@ -4,7 +4,7 @@ extracted and checked as written, in a clean copy of the checkout with the proje
 
 * the cheap commands (``--help``, ``--cfg job``) and every ```python block run as written;
 * every command of a Hydra app (also through torchrun, srun, the launch and sweep scripts)
-  composes and passes the app's config check, point by point for sweeps;
+  composes and passes the app's config check, every swept value of a sweep;
 * every other entry point (``python -m scripts.X``, ``python scripts/X.py``, shell scripts)
   exists and answers ``--help``; the fairseq command lines parse with fairseq's parser;
 * the smoke table is the one ``results/smoke/`` gives, and no page quotes smoke numbers of
@@ -217,7 +217,7 @@ def _points(args: list[str]) -> list[list[str]]:
 
     overrides = [a for a in args if not a.startswith("-") and not is_template([a])]
     if "-m" in args or "--multirun" in args:
-        return config_check.sweep_points(overrides)
+        return config_check.sweep_samples(overrides)  # every swept value once
     return [overrides]
 
 
@@ -294,7 +294,7 @@ def test_every_make_target_exists():
 def test_the_plugins_fairseq_command_lines_parse_as_written():
     """docs/fairseq_plugin.md: fairseq-train / -generate / -eval-lm with our --user-dir,
     parsed by fairseq's own parsers (paths need not exist)."""
-    from experiments.pipelines.fairseq import run as fairseq_run
+    from experiments.pipelines.fairseq import commands as fairseq_commands
 
     lines = [
         (c.words[0], [w for w in c.words[1:]])
@@ -302,7 +302,7 @@ def test_the_plugins_fairseq_command_lines_parse_as_written():
         if c.words[0].startswith("fairseq-") and not is_template(c.words)
     ]
     assert {program for program, _ in lines} >= {"fairseq-train", "fairseq-generate"}
-    found = fairseq_run.parse_with_fairseq(lines)
+    found = fairseq_commands.parse_with_fairseq(lines)
     assert [(p, e) for p, e in found if e] == []
 
 
@@ -324,8 +324,8 @@ def test_no_page_quotes_smoke_numbers_of_its_own():
     """Outside the written tables no page repeats a smoke result (it would go stale)."""
     import csv
 
-    from experiments.pipelines.report.render import fmt_value as _fmt
     from experiments.pipelines import demo
+    from experiments.pipelines.report.render import fmt_value as _fmt
 
     numbers = set()
     for path in (REPO_ROOT / "results" / "smoke").glob("*_smoke.csv"):

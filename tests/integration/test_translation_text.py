@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments.pipelines.fairseq import run as fairseq_run
+from experiments.pipelines.fairseq import evaluate as fairseq_evaluate
 from experiments.pipelines.fairseq import translation_text as tt
 
 
@@ -114,7 +114,7 @@ def test_translation_scores_detokenise_moses_escapes():
     """Hypotheses as fairseq-generate prints them (Moses tokens, XML-escaped) score 100
     against the raw references."""
     hyps = {0: "i don &apos;t know &amp; you ?", 1: "the &quot; house &quot; @-@ boat ."}
-    scores = fairseq_run.translation_scores(
+    scores = fairseq_evaluate.translation_scores(
         hyps, ["i don't know & you?", 'the "house"-boat.'], "en"
     )
     assert scores["sacrebleu"] == pytest.approx(100.0)

@@ -30,6 +30,8 @@ def test_parse_fairseq_json_log_records():
     v = progress.train_metrics(valid)
     assert v["valid_loss"] == 7.582 and v["valid_ppl"] == 191.58 and v["valid_num_updates"] == 20
     assert "epoch" not in v
+    default_format = 'INFO:train_inner:{"epoch": 1, "loss": "7.595", "num_updates": "15"}'
+    assert progress.train_metrics(default_format)["num_updates"] == 15
     assert progress.train_metrics("| INFO | fairseq.trainer | begin training") is None
     assert progress.train_metrics("2026 | INFO | fairseq_cli.train | {not json") is None
     epoch_end = '2026 | INFO | train | {"epoch": 1, "train_loss": "7.1", "train_ppl": "137"}'

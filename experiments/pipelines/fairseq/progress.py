@@ -22,15 +22,21 @@ from experiments.core.tracking import log_metrics
 
 
 def parse_log_record(line: str) -> tuple[str, dict[str, Any]] | None:
-    """(logger name, record) of a fairseq ``--log-format json`` line, or None for any other."""
-    head, sep, body = line.partition(" | {")
-    if not sep:
+    """(logger name, record) of a fairseq ``--log-format json`` line, or None for any other.
+
+    fairseq's apps log ``<time> | INFO | <name> | {...}``; under Python's default logging
+    format (fairseq's training ``main`` called from another program) it is
+    ``INFO:<name>:{...}``."""
+    start = line.find("{")
+    if start < 0:
         return None
     try:
-        record = json.loads("{" + body)
+        record = json.loads(line[start:])
     except ValueError:
         return None
-    return head.rsplit(" | ", 1)[-1].strip(), record
+    if not isinstance(record, dict):
+        return None
+    return re.split(r"[|:]", line[:start].rstrip(" |:"))[-1].strip(), record
 
 
 def numbers(record: dict[str, Any]) -> dict[str, float]:

@@ -35,35 +35,19 @@ from experiments.core.tracking import finish_wandb, init_wandb
 from experiments.pipelines.fairseq import corpora
 from experiments.pipelines.fairseq.commands import (
     CHECKPOINT_DIR,
-    check_command_lines,
     data_dir,
     has_cuda,
-    parse_with_fairseq,
     to_dict,
     train_args,
 )
 from experiments.pipelines.fairseq.evaluate import (
-    evaluate_lm,
-    evaluate_translation,
     headline_metric,
-    translation_scores,
     zero_probability_reasons,
 )
 from experiments.pipelines.fairseq.progress import TrainProgress
 from experiments.pipelines.fairseq.stages import StageFailed, run_stage
 from experiments.pipelines.fairseq.worker import parse_report
 from multimax.integrations.fairseq_checkpoints import checkpoint_updates
-
-# Imported by name elsewhere (the config check, older callers); they live in the modules above.
-__all__ = [
-    "check_command_lines",
-    "dry_run",
-    "evaluate_lm",
-    "evaluate_translation",
-    "parse_with_fairseq",
-    "run",
-    "translation_scores",
-]
 
 LAST_CHECKPOINT = "checkpoint_last.pt"
 

@@ -1,4 +1,4 @@
-"""The child-process side of ``experiments.pipelines.fairseq.run``: one fairseq stage per process.
+"""The child-process side of ``experiments.pipelines.fairseq.stages``: one fairseq stage per process.
 
     python -m experiments.pipelines.fairseq.worker STAGE ARGS...
 
