@@ -19,7 +19,7 @@ SDPA, fwd+bwd at the DeiT-small shape (lower is better: ``hydra.sweeper.directio
 import hydra
 from omegaconf import DictConfig
 
-from experiments.config import check  # noqa: F401 - registers the --help resolver
+from experiments.config import app_help  # noqa: F401 - registers the --help resolver
 from experiments.pipelines.benchmark.run import run
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from experiments.config import check  # noqa: F401 - registers the --help resolver
+from experiments.config import app_help  # noqa: F401 - registers the --help resolver
 from experiments.core.results import RunResult
 from experiments.core.rundir import stops_cleanly
 from experiments.pipelines.fairseq import run as fairseq_run

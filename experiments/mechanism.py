@@ -15,7 +15,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from experiments.config import check  # noqa: F401 - registers the --help resolver
+from experiments.config import app_help  # noqa: F401 - registers the --help resolver
 from experiments.core.rundir import hydra_run_dir, stops_cleanly
 from experiments.pipelines.mechanism.train import train
 

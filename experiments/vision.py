@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.config import check  # noqa: F401 - registers the --help resolver
+from experiments.config import app_help  # noqa: F401 - registers the --help resolver
 from experiments.core.errors import STOP_EXIT_CODE
 from experiments.core.results import RESULTS_FILE, read_results
 from experiments.core.rundir import hydra_run_dir, stops_cleanly

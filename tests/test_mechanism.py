@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 import multimax
 from experiments.core.results import METRICS_LOG, read_results
-from experiments.core.setup import normalizer_options
+from experiments.core.setup import normalizer_label, normalizer_options
 from experiments.pipelines.mechanism.task import (
     RetrievalAttention,
     RetrievalTask,
@@ -27,7 +27,6 @@ from experiments.pipelines.mechanism.task import (
     residual_mass,
     sample_batch,
 )
-from experiments.pipelines.mechanism.train import normalizer_label
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_NORMALIZERS = [
@@ -163,8 +162,8 @@ def test_every_study_normalizer_composes_builds_and_trains() -> None:
     labels = []
     task = RetrievalTask(num_items=16, num_relevant=2)
     for cfg in configs:
-        labels.append(normalizer_label(cfg))
         name, options = normalizer_options(cfg, "attention")
+        labels.append(normalizer_label(name, options))
         model = RetrievalAttention(task, multimax.build_normalizer(name, **options), 16, 1)
         batch = sample_batch(task, 8, torch.Generator().manual_seed(0))
         loss = torch.nn.functional.mse_loss(model(batch.query, batch.items), batch.target)
@@ -172,12 +171,12 @@ def test_every_study_normalizer_composes_builds_and_trains() -> None:
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert labels == [
         "softmax",
-        "softmax_learned_temp",
+        "softmax(learn_temperature=True)",
         "sparsemax",
         "entmax15",
         "evsoftmax",
-        "multimax_order1",
-        "multimax_order2",
+        "multimax(order=1)",
+        "multimax",
     ]
 
 

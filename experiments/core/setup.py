@@ -1,5 +1,5 @@
-"""Set-up every pipeline shares: seeding, the distributed context, and the normaliser
-options a config asks for."""
+"""Set-up every pipeline shares: seeding, the distributed context, the normaliser options a
+config asks for, and the one label a normaliser gets in run names, tables and figures."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+
+from experiments.core.io import REPO_ROOT
+
+NORMALIZER_CONFIGS = REPO_ROOT / "configs" / "normalizer"
 
 
 def seed_everything(seed: int) -> None:
@@ -79,3 +85,31 @@ def normalizer_options(cfg: DictConfig | Mapping, which: str = "attention") -> t
     model = cfg.get("model") or {}
     out_name = model.get("output_normalizer") or name
     return out_name, (norm if out_name == name else {})
+
+
+@cache
+def _normalizer_defaults(name: str) -> dict[str, Any]:
+    path = NORMALIZER_CONFIGS / f"{name}.yaml"
+    return dict(OmegaConf.to_container(OmegaConf.load(path))) if path.exists() else {}
+
+
+def normalizer_label(
+    name: str, options: Mapping[str, Any] | None = None, output: str | None = None
+) -> str:
+    """The normaliser as every table and figure names it: ``name``, plus the options that
+    differ from ``configs/normalizer/<name>.yaml`` (``multimax(order=1)``,
+    ``softmax(learn_temperature=True)``), plus ``/output`` when an output normaliser is
+    given that is neither the same nor ``none`` (``softmax/multimax``)."""
+    label = name
+    if options:
+        defaults = _normalizer_defaults(name)
+        changed = {
+            k: v
+            for k, v in options.items()
+            if k != "name" and (k not in defaults or defaults[k] != v)
+        }
+        if changed:
+            label += f"({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
+    if output and output not in (name, "none"):
+        label += f"/{output}"
+    return label

@@ -18,7 +18,7 @@ import multimax
 from experiments.core.io import atomic_write_text
 from experiments.core.results import RunResult
 from experiments.core.rundir import RunDir
-from experiments.core.setup import normalizer_options, seed_everything
+from experiments.core.setup import normalizer_label, normalizer_options, seed_everything
 from experiments.core.tracking import finish_wandb, init_wandb, log_metrics
 from experiments.pipelines.mechanism.task import (
     RetrievalAttention,
@@ -30,16 +30,6 @@ from experiments.pipelines.mechanism.task import (
 
 # Held-out data come from their own stream, the same for every normaliser of a seed.
 EVAL_STREAM = 1_000_003
-
-
-def normalizer_label(cfg: DictConfig) -> str:
-    """The normaliser's name as tables show it: softmax_learned_temp, multimax_order2, ..."""
-    name, options = normalizer_options(cfg, "attention")
-    if name == "softmax" and options.get("learn_temperature"):
-        return "softmax_learned_temp"
-    if name == "multimax":
-        return f"multimax_order{options.get('order', 2)}"
-    return name
 
 
 def train(cfg: DictConfig, run_dir: Path) -> RunResult:
@@ -67,7 +57,7 @@ def _train(cfg: DictConfig, run: RunDir) -> RunResult:
     eval_data = sample_batch(
         task, cfg.data.eval_examples, torch.Generator().manual_seed(cfg.seed + EVAL_STREAM)
     )
-    label = normalizer_label(cfg)
+    label = normalizer_label(*normalizer_options(cfg, "attention"))
     wandb_run = init_wandb(
         cfg, run_dir, name=f"{label}_N{task.num_items}_m{task.num_relevant}_seed{cfg.seed}"
     )

@@ -4,23 +4,19 @@ table, figure and legend.
 
 Hydra's single-run (``<run dir>/results.json``) and multirun
 (``<sweep dir>/<num>_<overrides>/results.json``) layouts are both found by searching the
-paths recursively. A broken file is reported by its path and skipped.
+paths recursively. A broken file is reported by its path and skipped. The label function
+itself lives in ``experiments.core.setup`` beside ``normalizer_options`` (training code
+names its runs with it too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import Any
 
-from omegaconf import OmegaConf
-
-from experiments.core.io import REPO_ROOT
 from experiments.core.results import RESULTS_FILE, RunResult
-
-NORMALIZER_CONFIGS = REPO_ROOT / "configs" / "normalizer"
+from experiments.core.setup import normalizer_label
 
 
 @dataclass(frozen=True)
@@ -58,34 +54,6 @@ def load_runs(paths: Iterable[str | Path]) -> tuple[list[FoundRun], list[str]]:
         except ValueError as err:
             problems.append(f"{path}: skipped, {str(err).removeprefix(f'{path}: ')}")
     return runs, problems
-
-
-@cache
-def _normalizer_defaults(name: str) -> dict[str, Any]:
-    path = NORMALIZER_CONFIGS / f"{name}.yaml"
-    return dict(OmegaConf.to_container(OmegaConf.load(path))) if path.exists() else {}
-
-
-def normalizer_label(
-    name: str, options: Mapping[str, Any] | None = None, output: str | None = None
-) -> str:
-    """The normaliser as every table and figure names it: ``name``, plus the options that
-    differ from ``configs/normalizer/<name>.yaml`` (``multimax(order=1)``,
-    ``softmax(learn_temperature=True)``), plus ``/output`` when an output normaliser is
-    given that is neither the same nor ``none`` (``softmax/multimax``)."""
-    label = name
-    if options:
-        defaults = _normalizer_defaults(name)
-        changed = {
-            k: v
-            for k, v in options.items()
-            if k != "name" and (k not in defaults or defaults[k] != v)
-        }
-        if changed:
-            label += f"({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
-    if output and output not in (name, "none"):
-        label += f"/{output}"
-    return label
 
 
 def run_label(result: RunResult, with_output: bool = True) -> str:
