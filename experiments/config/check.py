@@ -53,7 +53,10 @@ from experiments.pipelines.fairseq.commands import check_command_lines, parse_wi
 def _wrong_app(app: str, cfg: DictConfig, choices: Mapping[str, str]) -> list[str]:
     experiment = choices.get("experiment")
     if experiment is not None:
-        other = registry.experiment(experiment).app
+        # the composed experiment's own registry block says its app (any config dir)
+        other = OmegaConf.select(cfg, "registry.app", default=None)
+        if other is None:
+            other = registry.experiment(experiment).app
         if other != app:
             return [
                 f"experiment={experiment}: not one of experiments.{app}'s (choose one of "

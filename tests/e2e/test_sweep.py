@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from experiments.core.io import REPO_ROOT as REPO
+
 SWEEP = REPO / "scripts" / "sweep.sh"
 
 

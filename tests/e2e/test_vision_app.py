@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from experiments.core.errors import USAGE_EXIT_CODE
+from experiments.core.io import REPO_ROOT as REPO
 from experiments.core.results import METRICS_LOG
 from tests.apps import run_app
 
-REPO = Path(__file__).resolve().parents[2]
 # A short smoke run: 2 epochs of 11 steps at batch 128, one thread.
 SHORT = [
     "profile=smoke",

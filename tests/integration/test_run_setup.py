@@ -2,21 +2,20 @@
 normaliser options a config asks for, and a W&B run that a resumed run continues."""
 
 import time
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from experiments.core.io import REPO_ROOT
 from experiments.core.results import RunResult
 from experiments.core.setup import normalizer_options
 from experiments.core.tracking import finish_wandb, init_wandb
+from tests.composition import compose
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = REPO_ROOT / "configs"
 
 
 def compose_normalizer(*overrides):
-    with initialize_config_dir(str(CONFIGS), version_base=None):
-        cfg = compose("suite", overrides=list(overrides))
+    cfg = compose("suite", list(overrides))
     OmegaConf.set_struct(cfg, False)
     return OmegaConf.merge(cfg, {"model": {"output_normalizer": "${normalizer.name}"}})
 

@@ -5,13 +5,12 @@ the analysis hooks."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import multimax
+from experiments.core.io import REPO_ROOT
 from experiments.core.results import METRICS_LOG
 from experiments.core.rundir import (
     CHECKPOINT_LAST,
@@ -22,11 +21,10 @@ from experiments.core.rundir import (
 from experiments.core.setup import normalizer_options
 from experiments.pipelines.vision.data import DataLayoutError, ResumableSampler, ensure_data
 from experiments.pipelines.vision.train import NonFiniteLoss, dry_run, train
+from tests.composition import compose
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = str(REPO / "configs")
 EXPERIMENTS = ["deit_tiny_imagenet", "deit_small_imagenet"]
-NORMALIZERS = sorted(p.stem for p in (REPO / "configs" / "normalizer").glob("*.yaml"))
+NORMALIZERS = sorted(p.stem for p in (REPO_ROOT / "configs" / "normalizer").glob("*.yaml"))
 # A short smoke run: 2 epochs of 11 steps at batch 128, one thread.
 SHORT = [
     "profile=smoke",
@@ -43,33 +41,27 @@ SHORT = [
 
 
 def cfg_for(*overrides: str, experiment: str = "deit_tiny_imagenet"):
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        return compose("vision", overrides=[f"experiment={experiment}", *overrides])
+    return compose("vision", [f"experiment={experiment}", *overrides])
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_with_every_normalizer(experiment):
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        for normalizer in NORMALIZERS:
-            for profile in ("paper", "smoke"):
-                cfg = compose(
-                    "vision",
-                    overrides=[
-                        f"experiment={experiment}",
-                        f"normalizer={normalizer}",
-                        f"profile={profile}",
-                    ],
-                )
-                assert cfg.task == "image_classification"
-                assert cfg.model.output_normalizer == cfg.normalizer.name
-                assert cfg.profile.name == profile
-                if profile == "paper":
-                    assert cfg.data.name == "imagenet" and cfg.trainer.epochs == 300
-                    assert cfg.trainer.batch_size == 1024 and cfg.augment.mixup == 0.8
-                    assert cfg.model.name == experiment.replace("_imagenet", "_gap_patch16_224")
-                else:
-                    assert cfg.data.name == "digits"
-                    assert cfg.model.name == "deit_smoke_gap_patch4_16"
+    for normalizer in NORMALIZERS:
+        for profile in ("paper", "smoke"):
+            cfg = compose(
+                "vision",
+                [f"experiment={experiment}", f"normalizer={normalizer}", f"profile={profile}"],
+            )
+            assert cfg.task == "image_classification"
+            assert cfg.model.output_normalizer == cfg.normalizer.name
+            assert cfg.profile.name == profile
+            if profile == "paper":
+                assert cfg.data.name == "imagenet" and cfg.trainer.epochs == 300
+                assert cfg.trainer.batch_size == 1024 and cfg.augment.mixup == 0.8
+                assert cfg.model.name == experiment.replace("_imagenet", "_gap_patch16_224")
+            else:
+                assert cfg.data.name == "digits"
+                assert cfg.model.name == "deit_smoke_gap_patch4_16"
 
 
 def test_output_normalizer_is_one_override():

@@ -1,4 +1,4 @@
-"""README.md and docs/ as a newcomer follows them (issue 12, points 1-3): every command is
+"""README.md and docs/ as a newcomer follows them: every command is
 extracted and checked as written, in a clean copy of the checkout with the project's
 ``.venv`` activated the way the README says.
 
@@ -10,8 +10,8 @@ extracted and checked as written, in a clean copy of the checkout with the proje
 * the smoke table is the one ``results/smoke/`` gives, and no page quotes smoke numbers of
   its own.
 
-docs/speed.md and the README's speed section belong to the speed work (issue 14), which
-checks its own commands.
+docs/speed.md and the README's speed section are checked by the benchmark's own tests
+(tests/unit/test_benchmark_measures.py, tests/e2e/test_benchmark_app.py).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from composition import compose
 
 from experiments.core.io import REPO_ROOT
+from tests.composition import compose
 
-APPS = ("vision", "language_model", "translation", "mechanism", "benchmark")  # INTERFACES.md
+APPS = ("vision", "language_model", "translation", "mechanism", "benchmark")  # the promised apps
 
 PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO_ROOT / "docs").glob("*.md"))]
 PAGES = [p for p in PAGES if p != "docs/speed.md"]
@@ -44,7 +44,7 @@ PLACEHOLDER = re.compile(r"^\[|\]$|<[^>]*>|\.\.\.|^[A-Z_]+(\.\.\.)?$|=[A-Z_]+$|E
 
 def page_text(page: str) -> str:
     text = (REPO_ROOT / page).read_text()
-    if page == "README.md":  # the speed section is issue 14's
+    if page == "README.md":  # the speed section is checked by the benchmark's tests
         start = text.index("\n## Speed\n")
         text = text[:start] + text[text.index("\n## ", start + 1) :]
     return text
