@@ -15,19 +15,14 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments.config import app_help  # noqa: F401 - registers the --help resolver
-from experiments.core.results import RunResult
-from experiments.core.rundir import stops_cleanly
-from experiments.pipelines.fairseq import run as fairseq_run
 from experiments.pipelines.fairseq.evaluate import evaluate_translation
+from experiments.pipelines.fairseq.run import headline
 
 
 @hydra.main(config_path="../configs", config_name="translation", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """The run's headline metric (``metric_value`` of ``results.json``): the objective a
-    Hydra sweeper (e.g. Optuna) optimises; None for a dry run or a rank other than 0."""
-    with stops_cleanly():
-        result = fairseq_run.run(cfg, evaluate_translation)
-    return result.metric_value if isinstance(result, RunResult) else None
+    """The run's headline metric, the objective of a Hydra sweeper (None for a dry run)."""
+    return headline(cfg, evaluate_translation)
 
 
 if __name__ == "__main__":

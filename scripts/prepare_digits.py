@@ -2,7 +2,7 @@
 
     python scripts/prepare_digits.py [--root data/digits]
 
-The work is done by ``experiments/data/digits.py`` (the vision app calls it too).
+The work is done by ``experiments/pipelines/vision/digits.py`` (the vision app calls it too).
 """
 
 import sys

@@ -2,7 +2,7 @@
 
     python scripts/prepare_imagenet.py --help     # archives | hf | check
 
-The work is done by ``experiments/data/imagenet.py`` (its docstring has the layouts).
+The work is done by ``experiments/pipelines/vision/imagenet.py`` (its docstring has the layouts).
 """
 
 import sys

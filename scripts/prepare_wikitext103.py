@@ -5,7 +5,7 @@
     python -m scripts.prepare_wikitext103 --smoke                # the generated smoke corpus
 
 Skips when the data-bin is already prepared with the same settings. The work is done by
-``experiments/data/fairseq_corpora.py`` (the experiment apps call it too).
+``experiments/pipelines/fairseq/corpora.py`` (the experiment apps call it too).
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Test helper: ``fairseq-train`` in this process, or on the ranks fairseq spawns / torchrun
 starts, with every rank's normaliser parameters saved after each update.
 
-    PROBE_OUT=DIR python tests/fairseq_rank_probe.py [--stand-in-gpus N] TRAIN_ARGS...
+    PROBE_OUT=DIR python tests/e2e/fairseq_rank_probe.py [--stand-in-gpus N] TRAIN_ARGS...
 
 Each rank writes ``DIR/sigma_rank<r>.pt`` ({name: tensor} of every ``*normalizer*``
 parameter) after every update. ``--stand-in-gpus N`` makes ``torch.cuda.device_count()``

@@ -1,4 +1,4 @@
-"""experiments/attention_stats.py: measurements on any nn.Module and figures from run directories."""
+"""experiments/pipelines/report/attention_stats.py: measurements on any nn.Module and figures from run directories."""
 
 from __future__ import annotations
 

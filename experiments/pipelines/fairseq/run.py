@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from experiments.core.errors import STOP_EXIT_CODE, RunStop
 from experiments.core.results import RunResult
-from experiments.core.rundir import ResumePoint, RunDir, hydra_run_dir, resume_hint
+from experiments.core.rundir import ResumePoint, RunDir, hydra_run_dir, resume_hint, stops_cleanly
 from experiments.core.setup import normalizer_options
 from experiments.core.tracking import finish_wandb, init_wandb
 from experiments.pipelines.fairseq import corpora
@@ -50,6 +50,15 @@ from experiments.pipelines.fairseq.worker import parse_report
 from multimax.integrations.fairseq_checkpoints import checkpoint_updates
 
 LAST_CHECKPOINT = "checkpoint_last.pt"
+
+
+def headline(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgress], tuple]):
+    """An app's whole work: :func:`run` with a stop on purpose as one line, returning the
+    run's headline metric (``metric_value`` of ``results.json``), the objective a Hydra
+    sweeper such as Optuna optimises; None for a dry run or a rank other than 0."""
+    with stops_cleanly():
+        result = run(cfg, evaluate)
+    return result.metric_value if isinstance(result, RunResult) else None
 
 
 def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgress], tuple]):
