@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.core.errors import RunStop
 from experiments.core.io import REPO_ROOT
 from experiments.pipelines.fairseq import translation_text as tt
+from experiments.pipelines.fairseq.smoke_corpora import GENERATORS
 
 CONFIG_DIR = REPO_ROOT / "configs" / "data"
 PREPARED_FILE = "PREPARED.json"
@@ -243,8 +244,6 @@ def _generate_if_needed(cfg: DictConfig) -> None:
     gen = cfg.corpus.get("generate")
     if not gen:
         return
-    from experiments.pipelines.fairseq.smoke_corpora import GENERATORS
-
     out = Path(cfg.corpus.local_path)
     files = [out / f for f in dict(cfg.corpus.files).values()]
     stamp = out / "GENERATED.json"

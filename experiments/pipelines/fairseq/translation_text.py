@@ -26,6 +26,8 @@ from pathlib import Path
 
 import regex
 
+from experiments.core.console import verbose
+
 BPE_SEPARATOR = "@@"
 
 
@@ -144,8 +146,6 @@ def learn_bpe(train_text: str | Path, codes: str | Path, num_symbols: int, worke
     defaults); ``workers`` count the vocabulary in parallel (its ``--num-workers``).
     subword-nmt's own progress bar over the merges shows only with ``verbose=true``."""
     from subword_nmt.learn_bpe import learn_bpe as subword_learn_bpe
-
-    from experiments.core.console import verbose
 
     with (
         open(train_text, encoding="utf-8") as infile,

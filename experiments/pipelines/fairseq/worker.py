@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 
+from experiments.core.console import dry_run_report
 from experiments.core.errors import STOP_EXIT_CODE
 
 REPORT_MARK = "@multimax@ "  # the child's report lines, told apart from fairseq's own output
@@ -291,8 +292,6 @@ def dry_run(argv: list[str]) -> None:
     step_seconds = times[-1] * scale
     params = sum(p.numel() for p in model.parameters())
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    from experiments.core.console import dry_run_report
-
     world = int(extra.get("world_size", 1))
     with contextlib.redirect_stdout(io.StringIO()):
         report_text = dry_run_report(

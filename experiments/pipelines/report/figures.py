@@ -49,6 +49,8 @@ from experiments.pipelines.report.plots import (
     save_figure,
 )
 from experiments.pipelines.report.runs import FoundRun, load_runs, run_label
+from experiments.pipelines.vision.data import build_datasets
+from experiments.pipelines.vision.trained import load_trained_model
 
 
 def read_metrics_log(run_dir: str | Path) -> list[dict[str, float]]:
@@ -82,9 +84,6 @@ def _load_vision(run_dir: Path, num_images: int = 64, batch_size: int = 32) -> A
     from torch.utils.data import DataLoader, Subset
 
     # the vision pipeline (timm, torchvision): loaded only for runs of that task
-    from experiments.pipelines.vision.data import build_datasets
-    from experiments.pipelines.vision.trained import load_trained_model
-
     model, cfg = load_trained_model(run_dir)
     _, val = build_datasets(cfg)
     index = torch.linspace(0, len(val) - 1, min(num_images, len(val))).long().tolist()

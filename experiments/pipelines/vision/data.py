@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from experiments.core.errors import ConfigError, RunStop
 from experiments.core.io import REPO_ROOT, atomic_write_text
 from experiments.core.setup import DistributedContext
+from experiments.pipelines.vision.digits import write_digits
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 IMAGE_CHECK_FILE = ".image_check.json"
@@ -163,8 +164,6 @@ def ensure_data(cfg: DictConfig) -> Path:
     """The checked data root; the digits tree is written on first use (cached, atomically)."""
     root = data_root(cfg)
     if cfg.data.name == "digits":
-        from experiments.pipelines.vision.digits import write_digits
-
         try:
             write_digits(root)
         except FileExistsError as err:
