@@ -18,6 +18,19 @@ from pathlib import Path
 
 from experiments.core.io import REPO_ROOT
 
+# The vision smoke pipeline at test size: 2 epochs of 11 steps at batch 128, one thread.
+SHORT_VISION = [
+    "profile=smoke",
+    "logger=none",
+    "trainer.epochs=2",
+    "trainer.batch_size=128",
+    "trainer.threads=1",
+    "trainer.log_every_steps=5",
+    "trainer.checkpoint_every_steps=100",
+    "trainer.ema=true",
+    "trainer.ema_decay=0.9",
+    "optim.clip_grad=1.0",
+]
 # The LM / MT smoke pipelines at test size: seconds per run on two CPU cores.
 TINY_LM = [
     "experiment=lm_wikitext103",

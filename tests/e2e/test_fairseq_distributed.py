@@ -48,7 +48,7 @@ def _train_args(app: str, overrides: list[str], save_dir: Path) -> list[str]:
     return commands.train_args(cfg, save_dir, cuda=False)
 
 
-@pytest.mark.parametrize("pipeline", ["lm", "mt"])
+@pytest.mark.parametrize("pipeline", ["lm", pytest.param("mt", marks=pytest.mark.slow)])
 def test_fairseq_spawned_ranks_equal_one_process_and_keep_sigma_identical(
     pipeline, data_root, tmp_path
 ):
@@ -109,6 +109,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # 80 s; the spawned-ranks test above is its short variant
 def test_torchrun_two_processes_equal_one_kill_of_a_rank_ends_the_job_and_resumes(
     data_root, tmp_path
 ):

@@ -33,13 +33,20 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_root):
-    """One uninterrupted run per pipeline: {"lm": run_dir, "mt": run_dir}."""
+    """The uninterrupted run of a pipeline, made when a test first asks for it:
+    ``uninterrupted("lm")`` -> its run dir."""
     runs = {}
-    for name, (app, overrides) in APPS.items():
-        run_dir = tmp_path_factory.mktemp(f"{name}_full") / "run"
-        _ok(run_app(app, [*overrides, f"data.root={data_root}", f"hydra.run.dir={run_dir}"]))
-        runs[name] = run_dir
-    return runs
+
+    def run_of(name: str):
+        if name not in runs:
+            app, overrides = APPS[name]
+            run_dir = tmp_path_factory.mktemp(f"{name}_full") / "run"
+            args = [*overrides, f"data.root={data_root}", f"hydra.run.dir={run_dir}"]
+            _ok(run_app(app, args))
+            runs[name] = run_dir
+        return runs[name]
+
+    return run_of
 
 
 def _kill_app_at(app, overrides, save_line: str) -> tuple[Background, list[int]]:
@@ -53,7 +60,7 @@ def _kill_app_at(app, overrides, save_line: str) -> tuple[Background, list[int]]
     return bg, children
 
 
-@pytest.mark.parametrize("pipeline", ["lm", "mt"])
+@pytest.mark.parametrize("pipeline", ["lm", pytest.param("mt", marks=pytest.mark.slow)])
 def test_kill_9_resume_ends_on_the_uninterrupted_number(
     pipeline, uninterrupted, data_root, tmp_path
 ):
@@ -80,14 +87,14 @@ def test_kill_9_resume_ends_on_the_uninterrupted_number(
     _ok(resumed)
     assert "resumed from" in resumed.stdout
     full, again = (
-        read_results(uninterrupted[pipeline] / "results.json"),
+        read_results(uninterrupted(pipeline) / "results.json"),
         read_results(run_dir / "results.json"),
     )
     assert again.steps == full.steps
     assert f"{again.metric_value:.2f}" == f"{full.metric_value:.2f}"
     assert again.metric_value == pytest.approx(full.metric_value, rel=1e-6)
     losses = train_losses(run_dir / "train.log")
-    assert losses and losses == train_losses(uninterrupted[pipeline] / "train.log")
+    assert losses and losses == train_losses(uninterrupted(pipeline) / "train.log")
     steps = [
         json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
     ]
@@ -95,11 +102,11 @@ def test_kill_9_resume_ends_on_the_uninterrupted_number(
     assert again.wall_seconds > 0 and strict_json(run_dir / "results.json")
 
 
-@pytest.mark.parametrize("pipeline", ["lm", "mt"])
+@pytest.mark.parametrize("pipeline", ["lm", pytest.param("mt", marks=pytest.mark.slow)])
 def test_rerun_of_a_finished_run_changes_nothing(pipeline, uninterrupted, tmp_path):
     app, overrides = APPS[pipeline]
     run_dir = tmp_path / "run"
-    shutil.copytree(uninterrupted[pipeline], run_dir)
+    shutil.copytree(uninterrupted(pipeline), run_dir)
     files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     ckpts = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
     proc = run_app(app, [*overrides, f"hydra.run.dir={run_dir}"])
@@ -128,7 +135,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_newest_readable(
     notes = [line for line in proc.stdout.splitlines() if "is unreadable" in line]
     assert len(notes) == 1 and "resuming from checkpoint_2_30.pt (update 30)" in notes[0]
     assert "Traceback" not in proc.stdout + proc.stderr
-    full = read_results(uninterrupted["lm"] / "results.json")
+    full = read_results(uninterrupted("lm") / "results.json")
     again = read_results(run_dir / "results.json")
     assert f"{again.metric_value:.2f}" == f"{full.metric_value:.2f}"
 

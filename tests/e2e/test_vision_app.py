@@ -15,21 +15,8 @@ import torch
 from experiments.core.errors import USAGE_EXIT_CODE
 from experiments.core.io import REPO_ROOT as REPO
 from experiments.core.results import METRICS_LOG
+from tests.apps import SHORT_VISION as SHORT
 from tests.apps import run_app
-
-# A short smoke run: 2 epochs of 11 steps at batch 128, one thread.
-SHORT = [
-    "profile=smoke",
-    "logger=none",
-    "trainer.epochs=2",
-    "trainer.batch_size=128",
-    "trainer.threads=1",
-    "trainer.log_every_steps=5",
-    "trainer.checkpoint_every_steps=100",
-    "trainer.ema=true",
-    "trainer.ema_decay=0.9",
-    "optim.clip_grad=1.0",
-]
 
 
 @pytest.fixture

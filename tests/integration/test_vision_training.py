@@ -21,23 +21,11 @@ from experiments.core.rundir import (
 from experiments.core.setup import normalizer_options
 from experiments.pipelines.vision.data import DataLayoutError, ResumableSampler, ensure_data
 from experiments.pipelines.vision.train import NonFiniteLoss, dry_run, train
+from tests.apps import SHORT_VISION as SHORT
 from tests.composition import compose
 
 EXPERIMENTS = ["deit_tiny_imagenet", "deit_small_imagenet"]
 NORMALIZERS = sorted(p.stem for p in (REPO_ROOT / "configs" / "normalizer").glob("*.yaml"))
-# A short smoke run: 2 epochs of 11 steps at batch 128, one thread.
-SHORT = [
-    "profile=smoke",
-    "logger=none",
-    "trainer.epochs=2",
-    "trainer.batch_size=128",
-    "trainer.threads=1",
-    "trainer.log_every_steps=5",
-    "trainer.checkpoint_every_steps=100",
-    "trainer.ema=true",
-    "trainer.ema_decay=0.9",
-    "optim.clip_grad=1.0",
-]
 
 
 def cfg_for(*overrides: str, experiment: str = "deit_tiny_imagenet"):
