@@ -29,3 +29,17 @@ def _isolate_hydra_singletons(request):
     yield
     version.version_base = saved
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def damaged_digits(tmp_path):
+    """A digits tree with one PNG cut short (it still opens) and one that is not an image
+    (the vision pipeline's bad-image handling, in process and through the app)."""
+    from experiments.pipelines.vision.digits import write_digits
+
+    root = write_digits(tmp_path / "digits")
+    files = sorted((root / "train").glob("*/*.png"))
+    cut, junk = files[5], files[700]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    junk.write_bytes(b"not an image")
+    return root, cut, junk

@@ -53,7 +53,8 @@ def test_submitit_local_sweep_gives_one_row_per_normalizer_with_n2(tmp_path: Pat
 def test_paper_grid_commands(tmp_path: Path) -> None:
     """DRY=1 prints the multirun of each table; an unknown table is refused."""
     for table, app, experiments in [
-        ("imagenet", "experiments.vision", "deit_tiny_imagenet,deit_small_imagenet"),
+        # a table's experiments in file-name order (the registry reads configs/experiment/)
+        ("imagenet", "experiments.vision", "deit_small_imagenet,deit_tiny_imagenet"),
         ("wikitext103", "experiments.language_model", "lm_wikitext103"),
         ("iwslt14", "experiments.translation", "mt_iwslt14_deen"),
         ("wmt14", "experiments.translation", "mt_wmt14_ende"),

@@ -19,19 +19,6 @@ from tests.apps import SHORT_VISION as SHORT
 from tests.apps import run_app
 
 
-@pytest.fixture
-def damaged_digits(tmp_path):
-    """A digits tree with one PNG cut short (it still opens) and one that is not an image."""
-    from experiments.pipelines.vision.digits import write_digits
-
-    root = write_digits(tmp_path / "digits")
-    files = sorted((root / "train").glob("*/*.png"))
-    cut, junk = files[5], files[700]
-    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
-    junk.write_bytes(b"not an image")
-    return root, cut, junk
-
-
 def _losses(run_dir: Path) -> list[float]:
     lines = [json.loads(x) for x in (run_dir / METRICS_LOG).read_text().splitlines()]
     return [x["train_loss"] for x in lines if "train_loss" in x]

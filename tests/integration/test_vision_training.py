@@ -263,19 +263,6 @@ def test_a_data_root_holding_other_files_is_refused_and_left_alone(tmp_path):
     assert (empty / "train").is_dir()
 
 
-@pytest.fixture
-def damaged_digits(tmp_path):
-    """A digits tree with one PNG cut short (it still opens) and one that is not an image."""
-    from experiments.pipelines.vision.digits import write_digits
-
-    root = write_digits(tmp_path / "digits")
-    files = sorted((root / "train").glob("*/*.png"))
-    cut, junk = files[5], files[700]
-    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
-    junk.write_bytes(b"not an image")
-    return root, cut, junk
-
-
 def test_unreadable_images_are_named_once_and_refused_or_left_out(damaged_digits, monkeypatch):
     from experiments.pipelines.vision import data as vision_data
     from experiments.pipelines.vision.data import BadImagesError, build_datasets
