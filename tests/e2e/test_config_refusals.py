@@ -11,7 +11,7 @@ import pytest
 
 from experiments.core.errors import USAGE_EXIT_CODE
 from experiments.core.io import REPO_ROOT
-from tests.apps import TINY_LM, app_env, run, run_app
+from tests.apps import app_env, run, run_app
 
 REPO = REPO_ROOT
 
@@ -110,16 +110,3 @@ def test_a_stopped_run_prints_the_command_that_resumes_it(tmp_path):
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"resuming from {run_dir} at step 2" in again.stdout
     assert len(list((tmp_path / "runs" / "image_classification").iterdir())) == 1
-
-
-def test_the_default_output_is_the_projects_own_lines(tmp_path):
-    """A fresh smoke corpus (Hugging Face datasets), fairseq training and scoring: every line
-    is one of ours; no progress bars, warnings or third-party log records."""
-    proc = run_app(
-        "language_model",
-        [*TINY_LM, "train.max_update=2", f"data.root={tmp_path / 'data'}",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    assert lines and all(line.startswith(("[data]", "[lm]")) for line in lines), lines

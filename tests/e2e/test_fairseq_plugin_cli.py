@@ -166,6 +166,7 @@ def score_lm(*args: str, cwd: Path) -> dict:
     return reports["score_lm"]
 
 
+@pytest.mark.slow  # 50 s; the LM apps' smoke run scores with the same stage by default
 def test_test_scoring_counts_every_token_where_fairseq_eval_lm_skips_zeros(tmp_path):
     """For a softmax-family output, the pipelines' scoring equals fairseq-eval-lm's
     perplexity. For a sparse output, fairseq-eval-lm silently drops the tokens of

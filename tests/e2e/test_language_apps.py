@@ -10,6 +10,9 @@ from tests.apps import TINY_LM, TINY_MT, run_app
 
 
 def test_lm_smoke_end_to_end_writes_results(tmp_path):
+    """A fresh smoke corpus (Hugging Face datasets), fairseq training and scoring into
+    results.json; every line printed is one of ours (no progress bars, warnings or
+    third-party log records)."""
     run_dir = tmp_path / "run"
     proc = run_app(
         "language_model",
@@ -29,6 +32,8 @@ def test_lm_smoke_end_to_end_writes_results(tmp_path):
     assert result.metrics["train_tokens_per_s"] > 0 and result.profile == "smoke"
     assert "tokens/s" in proc.stdout and "update 10/12" in proc.stdout
     assert (run_dir / "checkpoints" / "checkpoint_last.pt").exists()
+    printed = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert printed and all(line.startswith(("[data]", "[lm]")) for line in printed), printed
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert any("loss" in json.loads(line) for line in lines)
     from multimax.integrations.fairseq_checkpoints import load_fairseq_checkpoint

@@ -140,6 +140,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_newest_readable(
     assert f"{again.metric_value:.2f}" == f"{full.metric_value:.2f}"
 
 
+@pytest.mark.slow  # 30 s; the vision pipeline's in-process test covers the same RunDir path
 def test_no_readable_checkpoint_starts_over_and_says_so(data_root, tmp_path):
     app, overrides = APPS["lm"]
     run_dir = tmp_path / "run"
