@@ -14,6 +14,9 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# `make` exports HYDRA_FULL_ERROR=1, which a user does not have: errors are tested as a user
+# sees them (the tests of the traceback set it themselves).
+os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import pytest
 from experiments.core import registry
 from experiments.core.io import REPO_ROOT
 from experiments.core.results import RunResult
+from tests.apps import app_env
 
 NEW_EXPERIMENT = """\
 # @package _global_
@@ -48,7 +49,9 @@ def config_dir(tmp_path_factory) -> Path:
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=app_env(), capture_output=True, text=True
+    )
 
 
 def test_the_registry_lists_the_new_experiment_and_its_table(config_dir):
