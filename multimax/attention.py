@@ -27,6 +27,9 @@ their kernels run compiled (:func:`multimax.compile_policy.use_compiled_kernels`
 score tensors, or ``MULTIMAX_COMPILE=1``), since the uncompiled kernels are no faster than
 the reference. :func:`use_attention_impl` overrides ``"auto"`` for a block of code
 (benchmarks, debugging).
+
+One module of ~410 lines on purpose: the path registry and the "auto" rules that choose
+among its paths belong in one place, so that a reader finds every rule beside the paths.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ same model. Runs of a profile other than ``paper`` (e.g. ``smoke``) go to separa
 labelled tables (``<table>_<profile>.*``). Broken or partial ``results.json`` files, and runs
 whose config names no table, are reported by path and skipped; a seed that appears twice in
 one group keeps the newest run and reports the older one.
+
+One module of ~400 lines on purpose: runs → DataFrame → grouped rows → the three formats
+and the index read as one sequence; rendering lives in ``render``, loading in ``runs``.
 """
 
 from __future__ import annotations
