@@ -47,7 +47,7 @@ from torch import Tensor
 from .compile_policy import use_compiled_kernels
 from .flex import flex_can_run, flex_sigma_attention
 from .fused import fused_attention
-from .normalizers import MASKED_BIAS, Normalizer, Softmax, build_normalizer
+from .normalizers import MASKED_BIAS, Normalizer, Softmax, build_normalizer, check_causal_use
 from .sigma import pointwise_sigma
 from .tensor_cache import TensorCache
 from .tiling import num_scores
@@ -344,6 +344,7 @@ def _prepare(
 ) -> AttentionInputs:
     if not isinstance(normalizer, Normalizer):
         normalizer = build_normalizer(normalizer)
+    check_causal_use(normalizer, is_causal)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     keep, bias = split_mask(mask, q.dtype)

@@ -10,6 +10,14 @@
 
   with p* the normaliser's output, α = 2 (sparsemax) or 1.5 (entmax); its gradient is
   p* − q. Label smoothing replaces the one-hot q by (1 − ε)·onehot + ε / V.
+* α-entmax with a learned α (``entmax_alpha``): the same Fenchel-Young loss with Ω_α, α the
+  normaliser's parameter; p* enters as a constant (its own derivative vanishes at the
+  optimum), so the gradient is p* − q in z and −∂Ω_α(p*)/∂α + ∂Ω_α(q)/∂α in α;
+* softmax with a sink logit (``softmax_sink``): −Σ q·log w with w the normaliser's weights
+  (the sink's mass is a class no target has).
+
+Normalisers whose rows are not a distribution (sigmoid, softpick, stick-breaking) have no
+output-layer loss: :func:`build_loss` refuses them in one line.
 
 For softmax of a point-wise σ (MultiMax, softmax with temperature) on large outputs, the
 cross-entropy runs chunk by chunk through :mod:`multimax.chunked_loss` (same value and
@@ -28,14 +36,19 @@ from .compile_policy import use_compiled_kernels
 from .normalizers import (
     EVSOFTMAX_EPSILON,
     Normalizer,
+    SoftmaxSink,
     build_normalizer,
+    check_output_normalizer,
     entmax15_masked,
+    entmax_alpha_masked,
     evsoftmax_log_weights,
     sparsemax_masked,
 )
 from .precision import upcast
 
 _FY_ALPHA = {"sparsemax": 2.0, "entmax15": 1.5}
+# Mappings whose loss is taken against a target distribution q (integer targets made one-hot).
+_DISTRIBUTION_LOSSES = ("entmax_alpha", "softmax_sink")
 
 
 def _reduce(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
@@ -67,6 +80,19 @@ class _FenchelYoung(torch.autograd.Function):
         return grad.unsqueeze(-1) * diff, None, None
 
 
+def fenchel_young_entmax_alpha(z: Tensor, q: Tensor, alpha: Tensor) -> Tensor:
+    """Per-row Fenchel-Young loss of α-entmax, L = <z, p* − q> − Ω_α(p*) + Ω_α(q), for
+    z, q of shape (rows, V) and a 0-d α, with gradients in z and in α."""
+    p = entmax_alpha_masked(z.detach(), alpha.detach()).detach()
+
+    def omega(r: Tensor) -> Tensor:  # 0^α = 0, with a finite derivative in α
+        positive = r > 0
+        powered = torch.where(positive, torch.where(positive, r, 1.0).pow(alpha), 0.0)
+        return (powered.sum(-1) - 1) / (alpha * (alpha - 1))
+
+    return ((p - q) * z).sum(-1) - omega(p) + omega(q)
+
+
 class NormalizerLoss(nn.Module):
     """Training loss of an output layer whose predictive distribution is ``normalizer(z)``.
 
@@ -89,6 +115,7 @@ class NormalizerLoss(nn.Module):
         chunked: bool | None = None,
     ) -> None:
         super().__init__()
+        check_output_normalizer(getattr(normalizer, "registry_name", ""), "output normaliser")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.normalizer = normalizer
@@ -123,9 +150,17 @@ class NormalizerLoss(nn.Module):
         q = target.reshape(-1, vocab).to(z.dtype)
         if self.label_smoothing > 0:
             q = q * (1 - self.label_smoothing) + self.label_smoothing / vocab
-        mapping = self.normalizer.mapping
+        return self.target_distribution_loss(z, q)
+
+    def target_distribution_loss(self, z: Tensor, q: Tensor) -> Tensor:
+        """Per-row loss of logits z (rows, V) against (already smoothed) distributions q."""
+        normalizer, mapping = self.normalizer, self.normalizer.mapping
         if mapping in _FY_ALPHA:
-            return _FenchelYoung.apply(self.normalizer.transform(z), q, _FY_ALPHA[mapping])
+            return _FenchelYoung.apply(normalizer.transform(z), q, _FY_ALPHA[mapping])
+        if mapping == "entmax_alpha":
+            return fenchel_young_entmax_alpha(z, q, normalizer.effective_alpha(z))
+        if isinstance(normalizer, SoftmaxSink):
+            return -(q * normalizer.log_probs(z)).sum(-1)
         return -(q * torch.log_softmax(self.training_logits(z), dim=-1)).sum(-1)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -144,13 +179,13 @@ class NormalizerLoss(nn.Module):
         t = target.reshape(-1)
         valid = t != self.ignore_index
         mapping = self.normalizer.mapping
-        if mapping in _FY_ALPHA:
-            z = self.normalizer.transform(upcast(z))
+        if mapping in _FY_ALPHA or mapping in _DISTRIBUTION_LOSSES:
+            z = upcast(z)
             safe_t = torch.where(valid, t, torch.zeros_like(t))
             q = F.one_hot(safe_t, vocab).to(z.dtype)
             if self.label_smoothing > 0:
                 q = q * (1 - self.label_smoothing) + self.label_smoothing / vocab
-            loss = _FenchelYoung.apply(z, q, _FY_ALPHA[mapping])
+            loss = self.target_distribution_loss(z, q)
             loss = torch.where(valid, loss, torch.zeros_like(loss))
         elif self.uses_chunked(z):
             loss = sigma_cross_entropy(
@@ -186,4 +221,4 @@ def build_loss(
     return NormalizerLoss(normalizer, label_smoothing, ignore_index, reduction)
 
 
-__all__ = ["NormalizerLoss", "build_loss"]
+__all__ = ["NormalizerLoss", "build_loss", "fenchel_young_entmax_alpha"]

@@ -14,6 +14,11 @@ MultiMax V2 (the authors' repository, 2026) puts a learned affine map before a f
 
 σ itself (:func:`modulate`, :func:`modulate_v2`) and its derivative are written once, in
 :mod:`multimax.sigma`; the modules here own the parameters and differentiate σ with autograd.
+
+Initialisation of σ's 4·K scalars (:func:`init_sigma_`, one of :data:`SIGMA_INITS`):
+``trunc_normal`` N(0, std²) cut at ±2·std (this suite's default); ``trunc_normal_timm`` timm's
+``trunc_normal_(std=std)`` call, cut at ±2 absolute, which at std 0.02 is an uncut normal (the
+authors' code); ``zeros``: σ is the identity and MultiMax is SoftMax exactly at step 0.
 """
 
 from __future__ import annotations
@@ -32,6 +37,25 @@ from .sigma import (
 )
 
 INIT_STD = 0.02
+SIGMA_INITS = ("trunc_normal", "trunc_normal_timm", "zeros")
+
+
+def init_sigma_(normalizer: nn.Module, kind: str = "trunc_normal", std: float = INIT_STD) -> None:
+    """Draw the σ scalars (thresholds and coefficients) of ``normalizer`` afresh, in place, by
+    ``kind`` (:data:`SIGMA_INITS`, see the module docstring); a normaliser without σ is left
+    as it is. MultiMax V2's affine scalars keep their identity initialisation."""
+    if kind not in SIGMA_INITS:
+        raise ValueError(f"σ initialisation {kind!r} is unknown; valid: {', '.join(SIGMA_INITS)}")
+    if not isinstance(normalizer, MultiMax):
+        return
+    with torch.no_grad():
+        for p in normalizer.sigma_parameters():
+            if kind == "zeros":
+                p.zero_()
+            elif kind == "trunc_normal_timm":
+                nn.init.trunc_normal_(p, std=std)  # timm's default cut: a=-2, b=2 (absolute)
+            else:
+                nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
 
 
 def multimax(
@@ -53,10 +77,13 @@ class MultiMax(Normalizer):
     """MultiMax normaliser with 4·K learnable scalars (K = ``order``, any integer >= 1).
 
     All scalars start from a truncated normal with std 0.02 (the authors' initialisation),
-    so a fresh MultiMax is SoftMax up to ~1e-2 relative change of the scores.
+    so a fresh MultiMax is SoftMax up to ~1e-2 relative change of the scores; ``init`` /
+    ``init_std`` choose another draw (:func:`init_sigma_`).
     """
 
-    def __init__(self, order: int = 2, init_std: float = INIT_STD) -> None:
+    def __init__(
+        self, order: int = 2, init_std: float = INIT_STD, init: str = "trunc_normal"
+    ) -> None:
         super().__init__()
         if isinstance(order, bool) or int(order) != order or order < 1:
             raise ValueError(
@@ -68,12 +95,15 @@ class MultiMax(Normalizer):
         self.high_threshold = nn.Parameter(torch.empty(order))
         self.low_coef = nn.Parameter(torch.empty(order))
         self.high_coef = nn.Parameter(torch.empty(order))
-        self.init_std = init_std
+        if init not in SIGMA_INITS:
+            raise ValueError(
+                f"σ initialisation {init!r} is unknown; valid: {', '.join(SIGMA_INITS)}"
+            )
+        self.init, self.init_std = init, init_std
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for p in self.sigma_parameters():
-            nn.init.trunc_normal_(p, std=self.init_std, a=-2 * self.init_std, b=2 * self.init_std)
+        init_sigma_(self, self.init, self.init_std)
 
     def sigma_parameters(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(low_threshold, high_threshold, low_coef, high_coef): the argument order of
@@ -97,8 +127,8 @@ class MultiMaxV2(MultiMax):
     their initialisation). Six learnable scalars per instance.
     """
 
-    def __init__(self, init_std: float = INIT_STD) -> None:
-        super().__init__(order=1, init_std=init_std)
+    def __init__(self, init_std: float = INIT_STD, init: str = "trunc_normal") -> None:
+        super().__init__(order=1, init_std=init_std, init=init)
         self.affine_scale = nn.Parameter(torch.ones(1))  # t, shape (1,) as MultiMax's b_k ...
         self.affine_shift = nn.Parameter(torch.zeros(1))  # b
 
@@ -127,4 +157,13 @@ class MultiMaxV2(MultiMax):
 register_pointwise_sigma(MultiMax, lambda n: multimax_sigma(n.order))
 register_pointwise_sigma(MultiMaxV2, lambda n: MULTIMAX_V2_SIGMA)
 
-__all__ = ["INIT_STD", "MultiMax", "MultiMaxV2", "modulate", "modulate_v2", "multimax"]
+__all__ = [
+    "INIT_STD",
+    "SIGMA_INITS",
+    "MultiMax",
+    "MultiMaxV2",
+    "init_sigma_",
+    "modulate",
+    "modulate_v2",
+    "multimax",
+]

@@ -6,8 +6,12 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+
+from experiments.core.setup import fidelity_label
 
 VERBOSE_ENV = "MULTIMAX_VERBOSE"
 # Warnings issued by any module but the project's own (those keep Python's default filters).
@@ -36,6 +40,14 @@ def configure_output(verbose: bool = False) -> None:
     logging.getLogger().setLevel(logging.ERROR)
     if "datasets" in sys.modules:  # read the variable at import: tell it now as well
         sys.modules["datasets"].disable_progress_bars()
+
+
+def fidelity_line(fidelity: Mapping[str, Any] | None) -> str:
+    """The dry run's line naming what the run reproduces (``configs/fidelity/``)."""
+    label = fidelity_label(fidelity) or "paper"
+    name = (fidelity or {}).get("name", "paper")
+    what = {"paper": "the paper's text", "authors": "the authors' code"}.get(name, name)
+    return f"  fidelity:          {label} ({what}; docs/fidelity.md)"
 
 
 def dry_run_report(

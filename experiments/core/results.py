@@ -42,6 +42,7 @@ class RunResult:
     steps: int
     wall_seconds: float
     profile: str = "paper"
+    fidelity: str = "paper"  # configs/fidelity/: the paper's text or the authors' code
     metrics: dict[str, float | None] = field(default_factory=dict)
     null_reasons: dict[str, str] = field(default_factory=dict)
     git_commit: str = field(default_factory=git_commit)
@@ -76,6 +77,7 @@ class RunResult:
         become null, their reason in ``null_reasons``); ``cfg`` is stored resolved."""
         if cfg is not None:
             self.config = OmegaConf.to_container(cfg, resolve=True)
+            self.fidelity = str((self.config.get("fidelity") or {}).get("name", self.fidelity))
         reasons = dict(self.null_reasons)
         self.metrics, why = finite_or_null(self.metrics, reasons)
         headline, headline_why = finite_or_null({"metric_value": self.metric_value}, reasons)

@@ -16,8 +16,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.core.io import REPO_ROOT
+from multimax.normalizers import default_output_normalizer
 
 NORMALIZER_CONFIGS = REPO_ROOT / "configs" / "normalizer"
+FIDELITY_CONFIGS = REPO_ROOT / "configs" / "fidelity"
 
 
 def seed_everything(seed: int) -> None:
@@ -69,8 +71,10 @@ def normalizer_options(cfg: DictConfig | Mapping, which: str = "attention") -> t
     """(name, options) for ``build_normalizer`` from ``cfg.normalizer`` and
     ``cfg.model.output_normalizer``.
 
-    ``normalizer=NAME`` sets attention and output alike; ``model.output_normalizer=NAME``
-    sets the output layer apart (it then gets that normaliser's default options).
+    ``normalizer=NAME`` sets attention and output alike, except that a normaliser whose rows
+    are not a distribution (sigmoid, softpick, stick-breaking) leaves the output to softmax;
+    ``model.output_normalizer=NAME`` sets the output layer apart (it then gets that
+    normaliser's default options).
     """
     norm = (
         OmegaConf.to_container(cfg["normalizer"], resolve=True)
@@ -84,6 +88,8 @@ def normalizer_options(cfg: DictConfig | Mapping, which: str = "attention") -> t
         raise ValueError(f"which must be 'attention' or 'output', got {which!r}")
     model = cfg.get("model") or {}
     out_name = model.get("output_normalizer") or name
+    if out_name == name:
+        out_name = default_output_normalizer(name)
     return out_name, (norm if out_name == name else {})
 
 
@@ -93,13 +99,52 @@ def _normalizer_defaults(name: str) -> dict[str, Any]:
     return dict(OmegaConf.to_container(OmegaConf.load(path))) if path.exists() else {}
 
 
+def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@cache
+def _fidelity_defaults(name: str) -> dict[str, Any]:
+    path = FIDELITY_CONFIGS / f"{name}.yaml"
+    return _flat(OmegaConf.to_container(OmegaConf.load(path))) if path.exists() else {}
+
+
+def fidelity_label(fidelity: Mapping[str, Any] | None) -> str:
+    """What a run reproduces (``configs/fidelity/``), as labels show it: "" for the paper's
+    text as ``paper.yaml`` has it; otherwise the setting's name plus the keys that differ from
+    its file: ``authors``, ``paper(incremental=softmax)``."""
+    if not fidelity:
+        return ""
+    if isinstance(fidelity, DictConfig):
+        fidelity = OmegaConf.to_container(fidelity, resolve=True)
+    values = _flat(fidelity)
+    name = str(values.pop("name", "paper"))
+    defaults = _fidelity_defaults(name)
+    changed = {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
+    if not changed:
+        return "" if name == "paper" else name
+    return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
+
+
 def normalizer_label(
-    name: str, options: Mapping[str, Any] | None = None, output: str | None = None
+    name: str,
+    options: Mapping[str, Any] | None = None,
+    output: str | None = None,
+    fidelity: Mapping[str, Any] | None = None,
 ) -> str:
     """The normaliser as every table and figure names it: ``name``, plus the options that
     differ from ``configs/normalizer/<name>.yaml`` (``multimax(order=1)``,
     ``softmax(learn_temperature=True)``), plus ``/output`` when an output normaliser is
-    given that is neither the same nor ``none`` (``softmax/multimax``)."""
+    given that is neither the same nor ``none`` (``softmax/multimax``), plus `` [authors]``
+    when the run's ``fidelity`` is not the paper's (:func:`fidelity_label`), so runs of the
+    paper's text and of the authors' code never share a row."""
     label = name
     if options:
         defaults = _normalizer_defaults(name)
@@ -112,4 +157,6 @@ def normalizer_label(
             label += f"({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
     if output and output not in (name, "none"):
         label += f"/{output}"
+    if reproduces := fidelity_label(fidelity):
+        label += f" [{reproduces}]"
     return label

@@ -19,7 +19,8 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 
 
 def run_tags(cfg: DictConfig | Mapping) -> list[str]:
-    """W&B tags every run carries: normaliser (attention and output), model, seed, profile."""
+    """W&B tags every run carries: normaliser (attention and output), model, seed, profile,
+    fidelity."""
     attn, _ = normalizer_options(cfg, "attention")
     out, _ = normalizer_options(cfg, "output")
     tags = [f"normalizer={attn}", f"output_normalizer={out}", f"seed={cfg.get('seed', 0)}"]
@@ -29,6 +30,9 @@ def run_tags(cfg: DictConfig | Mapping) -> list[str]:
     profile = cfg.get("profile") or {}
     if profile.get("name"):
         tags.append(f"profile={profile.get('name')}")
+    fidelity = cfg.get("fidelity") or {}
+    if fidelity.get("name"):
+        tags.append(f"fidelity={fidelity.get('name')}")
     return tags
 
 

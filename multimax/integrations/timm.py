@@ -14,9 +14,14 @@ average: the authors' model) and :class:`NormalizedAttention` passed in through 
 * ``normalizer`` (default ``"softmax"``): what every attention layer uses, with its options
   in ``normalizer_options`` (e.g. ``{"order": 2}``); a :class:`~multimax.Normalizer` instance
   is a template, deep-copied into every layer (one σ per layer);
-* ``output_normalizer`` (default: same as ``normalizer``) with ``output_normalizer_options``
+* ``output_normalizer`` (default: same as ``normalizer``, or softmax where that one's rows
+  are not a distribution: sigmoid, softpick) with ``output_normalizer_options``
   (default: ``normalizer_options`` when the names agree, else none);
-* ``attention_impl`` (default ``"auto"``): passed to :func:`multimax.attention` as ``impl``.
+* ``attention_impl`` (default ``"auto"``): passed to :func:`multimax.attention` as ``impl``;
+* ``sigma_init`` (default: none, each normaliser's own): how σ starts, per layer kind,
+  ``{"attention": {"kind": "zeros"}, "output": {"kind": "trunc_normal_timm", "std": 0.02}}``
+  (kinds: :data:`multimax.modulation.SIGMA_INITS`); timm's own ``qkv_bias=False`` drops the
+  qkv bias as the authors' DeiT does (docs/fidelity.md).
 
 The model's ``forward`` returns plain logits z. Its predictive distribution is
 ``model.output_normalizer(z)`` (:meth:`GapVisionTransformer.predict_proba`), e.g.
@@ -35,6 +40,7 @@ TorchScript does not (``torch.jit.script`` is refused with that advice).
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +53,15 @@ from torch import Tensor
 
 import multimax
 from multimax.attention import AttentionInputs, select_path
-from multimax.normalizers import Normalizer, build_normalizer
+from multimax.normalizers import (
+    NORMALIZERS,
+    Normalizer,
+    attention_layer_options,
+    build_normalizer,
+    check_causal_use,
+    check_output_normalizer,
+    default_output_normalizer,
+)
 
 MODEL_NAMES = (
     "deit_tiny_gap_patch16_224",
@@ -56,9 +70,22 @@ MODEL_NAMES = (
 )
 
 
-def _build(spec: str | Normalizer | None, options: Mapping[str, Any] | None) -> Normalizer:
+def _sigma_init_options(spec: str | Normalizer | None, init: Mapping[str, Any] | None) -> dict:
+    """``{init, init_std}`` for a normaliser name whose class has σ, from ``{kind, std}``."""
+    if not init or isinstance(spec, Normalizer):
+        return {}
+    accepted = inspect.signature(NORMALIZERS[spec or "softmax"].__init__).parameters
+    if "init" not in accepted:
+        return {}
+    return {"init": init["kind"], **({"init_std": init["std"]} if "std" in init else {})}
+
+
+def _build(
+    spec: str | Normalizer | None, options: Mapping[str, Any] | None, num_heads: int | None = None
+) -> Normalizer:
     """A fresh normaliser per call: a name is built, an instance is a template and deep-copied
-    (each layer learns its own σ; a shared instance would tie them)."""
+    (each layer learns its own σ; a shared instance would tie them). ``num_heads`` (attention
+    layers) goes to normalisers with per-head parameters; vision attention is never causal."""
     if isinstance(spec, Normalizer):
         if options:
             raise ValueError(
@@ -66,8 +93,13 @@ def _build(spec: str | Normalizer | None, options: Mapping[str, Any] | None) -> 
                 "instance: pass the name instead (normalizer='multimax', normalizer_options=...) "
                 "or build the instance with those options"
             )
-        return copy.deepcopy(spec)
-    return build_normalizer(spec, **dict(options or {}))
+        normalizer = copy.deepcopy(spec)
+    else:
+        heads = {} if num_heads is None else attention_layer_options(spec or "softmax", num_heads)
+        normalizer = build_normalizer(spec, **dict(options or {}), **heads)
+    if num_heads is not None:
+        check_causal_use(normalizer, is_causal=False)
+    return normalizer
 
 
 @torch.fx.wrap
@@ -131,7 +163,7 @@ class NormalizedAttention(Attention):
         **kwargs: Any,
     ) -> None:
         super().__init__(dim, num_heads=num_heads, **kwargs)
-        self.normalizer = _build(normalizer, normalizer_options)
+        self.normalizer = _build(normalizer, normalizer_options, num_heads)
         self.attention_impl = attention_impl
         self.attention_path: str | None = None
         self._path_key: tuple | None = None
@@ -192,17 +224,26 @@ class GapVisionTransformer(VisionTransformer):
         output_normalizer: str | Normalizer | None = None,
         output_normalizer_options: Mapping[str, Any] | None = None,
         attention_impl: str = "auto",
+        sigma_init: Mapping[str, Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
-        if output_normalizer is None:
-            output_normalizer = normalizer
+        sigma_init = sigma_init or {}
+        if output_normalizer is None:  # the attention's, where its rows are a distribution
+            output_normalizer = default_output_normalizer(normalizer)
         if output_normalizer_options is None and output_normalizer == normalizer:
             output_normalizer_options = normalizer_options
         super().__init__(attn_layer=NormalizedAttention, **kwargs)
+        attn_init = _sigma_init_options(normalizer, sigma_init.get("attention"))
         for layer in self.modules():
             if isinstance(layer, NormalizedAttention):
-                layer.use_normalizer(_build(normalizer, normalizer_options), attention_impl)
-        self.output_normalizer = _build(output_normalizer, output_normalizer_options)
+                options = {**(normalizer_options or {}), **attn_init}
+                layer.use_normalizer(_build(normalizer, options, layer.num_heads), attention_impl)
+        if not isinstance(output_normalizer, Normalizer):
+            check_output_normalizer(output_normalizer or "softmax", "output_normalizer")
+        out_init = _sigma_init_options(output_normalizer, sigma_init.get("output"))
+        self.output_normalizer = _build(
+            output_normalizer, {**(output_normalizer_options or {}), **out_init}
+        )
 
     def predict_proba(self, x: Tensor) -> Tensor:
         """The predictive distribution: ``output_normalizer(logits)`` (MultiMax(z), ...)."""

@@ -31,3 +31,14 @@ def test_path_visits_ties_and_summary_orders_temperatures():
     assert leak_hot > 10 * leak_cold and modes_hot > modes_cold
     corners = simplex_figure.to_plane(torch.eye(3))
     torch.testing.assert_close(corners, simplex_figure.VERTICES)
+
+
+def test_each_recent_normaliser_is_drawn_or_named_as_off_the_simplex():
+    drawn = {type(normalizer).__name__ for _, normalizer in simplex_figure.panels()}
+    assert {"SSMax", "EntmaxAlpha"} <= drawn
+    off = {"sigmoid", "softpick", "softmax_sink", "stickbreaking"}
+    assert set(simplex_figure.OFF_SIMPLEX) == off
+    _, x = simplex_figure.score_path(n=91)
+    for name in simplex_figure.OFF_SIMPLEX:  # really off: some rows do not sum to one
+        sums = simplex_figure.build_normalizer(name)(x).sum(-1)
+        assert (sums - 1).abs().max() > 0.05, name

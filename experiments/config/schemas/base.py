@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from multimax import ATTENTION_PATHS, NORMALIZERS
+from multimax.modulation import SIGMA_INITS
+from multimax.normalizers import check_output_normalizer
 
 Text = Annotated[str, Field(strict=False)]  # numbers given for a string are taken as text
 PosInt = Annotated[int, Field(ge=1)]
@@ -34,6 +36,7 @@ Epsilon = Annotated[float, Field(gt=0, lt=1)]
 JUDGED_BY_FAIRSEQ = "judged_by_fairseq"
 NormalizerName = Literal[tuple(NORMALIZERS)]  # type: ignore[valid-type]
 AttentionPath = Literal[("auto", *ATTENTION_PATHS)]  # type: ignore[valid-type]
+NON_CAUSAL_KINDS = ("vision", "translation")  # model kinds with non-causal attention
 
 
 def cross(message: str) -> PydanticCustomError:
@@ -83,6 +86,31 @@ class Profile(Section):
     name: Literal["paper", "smoke"] = Field(description="choose it with profile=paper|smoke")
 
 
+SigmaInitKind = Literal[SIGMA_INITS]  # type: ignore[valid-type]
+AttentionRole = Literal["encoder_self", "decoder_self", "cross"]
+
+
+class SigmaInit(Section):
+    kind: SigmaInitKind = Field(description="how σ's scalars are drawn (multimax.modulation)")
+    std: NonNegative = Field(description="standard deviation of the draw")
+
+
+class SigmaInits(Section):
+    attention: SigmaInit
+    output: SigmaInit
+
+
+class Fidelity(Section):
+    """``configs/fidelity/*.yaml``: the paper's text or the authors' code (docs/fidelity.md)."""
+
+    name: Text = Field(description="choose it with fidelity=paper|authors")
+    attention_scope: list[AttentionRole] = Field(description="fairseq: attention kinds σ acts in")
+    incremental: Literal["same", "softmax"] = Field(description="fairseq: beam-search attention")
+    sigma_weight_decay: bool = Field(description="fairseq: weight decay on the σ scalars")
+    qkv_bias: bool = Field(description="DeiT: bias of the qkv projection")
+    sigma_init: SigmaInits
+
+
 class App(Section):
     """Keys of ``configs/suite.yaml``, shared by every app."""
 
@@ -93,4 +121,24 @@ class App(Section):
     normalizer: Normalizer
     logger: Logger
     profile: Profile
+    fidelity: Fidelity = None
     registry: dict[str, Any] | None = None  # the experiment's registry block (core.registry)
+
+    @model_validator(mode="after")
+    def _normalizers_fit_their_layers(self) -> App:
+        """A causal-only normaliser needs causal attention (the LM); an output normaliser set
+        apart must give a distribution (following the attention's, it falls back to softmax)."""
+        model = getattr(self, "model", None)
+        name, kind = self.normalizer.name, getattr(model, "kind", None)
+        if NORMALIZERS[name].causal_only and kind in NON_CAUSAL_KINDS:
+            raise cross(
+                f"normalizer={name}: {name} attention is causal only and the {kind} models' "
+                "attention is not (encoders see every token); use it with the language model"
+            )
+        output = getattr(model, "output_normalizer", None)
+        if output in NORMALIZERS and output != name:
+            try:
+                check_output_normalizer(output)
+            except ValueError as err:
+                raise cross(str(err)) from None
+        return self

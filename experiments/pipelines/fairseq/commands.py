@@ -122,6 +122,21 @@ def plugin_flags(
     return flags
 
 
+def fidelity_flags(cfg: DictConfig) -> list[str]:
+    """``fidelity.*`` (``configs/fidelity/``) as the plugin's flags: the attention kinds σ acts
+    in, what beam search uses, how σ starts (docs/fidelity.md); none for a stock architecture."""
+    fidelity = to_dict(cfg.get("fidelity"))
+    if not fidelity or not uses_plugin(cfg):
+        return []
+    init = fidelity["sigma_init"]
+    flags = ["--attn-normalizer-scope", ",".join(fidelity["attention_scope"])]
+    flags += ["--incremental-normalizer", str(fidelity["incremental"])]
+    for layer, prefix in (("attention", "--attn"), ("output", "--output")):
+        flags += [f"{prefix}-sigma-init", str(init[layer]["kind"])]
+        flags += [f"{prefix}-sigma-init-std", str(init[layer]["std"])]
+    return flags
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 
@@ -193,10 +208,14 @@ def train_args(cfg: DictConfig, save_dir: Path, cuda: bool | None = None) -> lis
     cuda = has_cuda() if cuda is None else cuda
     train = to_dict(cfg.train)
     precision = train.pop("precision", "fp32")
+    if to_dict(cfg.get("fidelity")).get("sigma_weight_decay") and train.get("optimizer") == (
+        "multimax_adam"
+    ):
+        train["optimizer"] = "adam"  # fairseq's own Adam decays every parameter, σ's too
     args = [str(data_dir(cfg)), "--arch", str(cfg.model.arch)]
     if uses_plugin(cfg) or plugin_available():
         args += ["--user-dir", str(PLUGIN_DIR)]
-    args += normalizer_flags(cfg)
+    args += normalizer_flags(cfg) + fidelity_flags(cfg)
     args += fairseq_flags(to_dict(cfg.model.get("args")))
     args += fairseq_flags(train)
     args += precision_flags(precision, cuda)

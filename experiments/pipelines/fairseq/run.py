@@ -27,6 +27,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from experiments.core.console import fidelity_line
 from experiments.core.errors import STOP_EXIT_CODE, RunStop
 from experiments.core.results import RunResult
 from experiments.core.rundir import ResumePoint, RunDir, hydra_run_dir, resume_hint, stops_cleanly
@@ -322,7 +323,8 @@ def dry_run(cfg: DictConfig, run_dir: Path):
     }
     os.environ["MULTIMAX_DRY_RUN"] = json.dumps(extra)
     print(f"[dry run] fairseq-train {shlex.join(args)}", flush=True)
-    lines: list[str] = []
+    lines: list[str] = [fidelity_line(to_dict(cfg.get("fidelity")))]
+    print(lines[0], flush=True)
 
     def show(line: str) -> None:
         report = parse_report(line)

@@ -305,6 +305,10 @@ def dry_run(argv: list[str]) -> None:
             world_size=world,
         )
     _report_text(report_text)
+    from multimax.integrations.fairseq_plugin.attention import sigma_placement
+
+    for line in sigma_placement(model):  # where σ acts (--attn-normalizer-scope ...)
+        _report_text(f"  {line}")
     _report_text(
         f"  measured:          {times[-1]:.3f} s for one micro-batch of "
         f"{int(batches[-1]['ntokens']):,} tokens (x{scale:.1f} = one update of "

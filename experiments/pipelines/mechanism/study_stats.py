@@ -22,6 +22,12 @@ ORDER = [
     "evsoftmax",
     "multimax(order=1)",
     "multimax",
+    "sigmoid",
+    "softpick",
+    "ssmax",
+    "softmax_sink",
+    "entmax_alpha",
+    "stickbreaking",
 ]
 METRICS = ["task_error", "residual_mass", "modes_kept", "min_max_ratio", "num_modes", "entropy"]
 # (metric, True if larger is better) for the win/tie/loss comparison.

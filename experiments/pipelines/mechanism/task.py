@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 import multimax
 from multimax import metrics
-from multimax.normalizers import Normalizer
+from multimax.normalizers import Normalizer, PerHeadNormalizer
 
 # --- the task ---------------------------------------------------------------------------
 
@@ -146,7 +146,10 @@ class RetrievalAttention(nn.Module):
 
     def forward(self, query: Tensor, items: Tensor) -> Tensor:
         q, k, v = self.project(query, items)
-        out = multimax.attention(q, k, v, self.normalizer, scale=self.scale)  # (B, H, 1, D)
+        # The query stands after the N items: a causal-only normaliser (stick-breaking) sees all
+        # of them, the nearest breaking the stick first; the others ignore the order.
+        causal = self.normalizer.causal_only
+        out = multimax.attention(q, k, v, self.normalizer, scale=self.scale, is_causal=causal)
         out = out.transpose(1, 2).reshape(query.shape[0], -1)
         return self.head(out).squeeze(-1)
 
@@ -223,8 +226,12 @@ def evaluate(
 
 
 def normalizer_parameters(normalizer: Normalizer) -> dict[str, list[float] | float]:
-    """The learned scalars of a normaliser (σ's b, d, a, c; a learned temperature)."""
+    """The learned scalars of a normaliser (σ's b, d, a, c; a learned temperature; SSMax's
+    scale, the sink logit, entmax's α, one per head)."""
     out: dict[str, list[float] | float] = {}
+    if isinstance(normalizer, PerHeadNormalizer):
+        for name, param in normalizer.named_parameters():
+            out[name] = [float(x) for x in param.detach()]
     if isinstance(normalizer, multimax.MultiMax):
         for name in ("low_threshold", "high_threshold", "low_coef", "high_coef"):
             out[name] = [float(x) for x in getattr(normalizer, name).detach()]

@@ -27,6 +27,7 @@ from experiments.pipelines.mechanism.task import (
     normalizer_parameters,
     sample_batch,
 )
+from multimax.normalizers import attention_layer_options
 
 # Held-out data come from their own stream, the same for every normaliser of a seed.
 EVAL_STREAM = 1_000_003
@@ -47,8 +48,9 @@ def _train(cfg: DictConfig, run: RunDir) -> RunResult:
     torch.set_num_threads(cfg.threads)
     task = RetrievalTask(**{f.name: cfg.data[f.name] for f in dataclasses.fields(RetrievalTask)})
     name, options = normalizer_options(cfg, "attention")
+    heads = attention_layer_options(name, cfg.model.heads)  # per-head parameters, where any
     model = RetrievalAttention(
-        task, multimax.build_normalizer(name, **options), cfg.model.dim, cfg.model.heads
+        task, multimax.build_normalizer(name, **options, **heads), cfg.model.dim, cfg.model.heads
     )
     optimizer = torch.optim.Adam(
         multimax.param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr

@@ -57,6 +57,8 @@ def load_runs(paths: Iterable[str | Path]) -> tuple[list[FoundRun], list[str]]:
 
 
 def run_label(result: RunResult, with_output: bool = True) -> str:
-    """:func:`normalizer_label` of a run's attention normaliser (and output normaliser)."""
+    """:func:`normalizer_label` of a run's attention normaliser (and output normaliser), with
+    the fidelity setting it ran under (``[authors]``) unless it is the paper's."""
     output = result.output_normalizer if with_output else None
-    return normalizer_label(result.normalizer, result.normalizer_options(), output)
+    fidelity = (result.config or {}).get("fidelity") or {"name": result.fidelity}
+    return normalizer_label(result.normalizer, result.normalizer_options(), output, fidelity)

@@ -7,6 +7,11 @@ edge (the loser gets exactly or nearly zero, the winners share the mass) and the
 winners near a vertex. Softmax at a low temperature collapses towards the vertices, at a high
 temperature leaks mass into the interior.
 
+Only normalisers whose rows lie on the simplex are drawn: Scalable-Softmax (s at its initial
+0.43, n = 3) and α-entmax (α = 1.25, between softmax and 1.5-entmax; at its initial 1.5 it is
+1.5-entmax) join the original ones. Sigmoid attention, softpick, the sink logit and
+stick-breaking give rows that need not sum to one, so they have no point on the simplex.
+
     python -m scripts.simplex_figure --out results/figures
 """
 
@@ -28,6 +33,7 @@ from experiments.pipelines.report.render import to_markdown  # noqa: E402
 from multimax import MultiMax, build_normalizer  # noqa: E402
 
 RADIUS = 2.0
+PANELS_PER_ROW = 5
 VERTICES = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
 
 
@@ -59,7 +65,13 @@ def panels() -> list[tuple[str, torch.nn.Module]]:
         ("1.5-entmax", build_normalizer("entmax15")),
         ("evsoftmax (eval)", build_normalizer("evsoftmax").eval()),
         ("multimax (t_b = 3, t_d = 0.25)", hand_set_multimax()),
+        ("ssmax (s = 0.43, n = 3)", build_normalizer("ssmax")),
+        ("α-entmax (α = 1.25)", build_normalizer("entmax_alpha", alpha_init=1.25)),
     ]
+
+
+# Normalisers left out of the figure: their rows are not on the simplex.
+OFF_SIMPLEX = ("sigmoid", "softpick", "softmax_sink", "stickbreaking")
 
 
 def to_plane(p: torch.Tensor) -> torch.Tensor:
@@ -81,9 +93,13 @@ def main(out_dir: str | Path = "results/figures") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     theta, x = score_path()
     items = panels()
-    fig, axes = plt.subplots(1, len(items), figsize=(3.0 * len(items), 3.4))
+    ncols = min(len(items), PANELS_PER_ROW)
+    nrows = math.ceil(len(items) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(items) :]:
+        ax.set_visible(False)
     rows = []
-    for ax, (title, normalizer) in zip(axes, items):
+    for ax, (title, normalizer) in zip(axes.flat, items):
         with torch.no_grad():
             p = normalizer(x)
         xy = to_plane(p)
@@ -128,7 +144,8 @@ def main(out_dir: str | Path = "results/figures") -> list[Path]:
         "projected on the 2-simplex (vertices = one-hot; × = two scores tied above the third). "
         "Sparse and multi-modal means: little mass on the smallest score (the curve stays on "
         "the edges) while a large share of the path keeps two modes (the runner-up holds at "
-        "least half the winner's mass) instead of collapsing to the vertices.\n\n"
+        "least half the winner's mass) instead of collapsing to the vertices. Not drawn: "
+        f"{', '.join(OFF_SIMPLEX)} (their rows need not sum to one).\n\n"
     )
     columns = ["normaliser", "mean mass on the smallest score", "share of path with two modes"]
     atomic_write_text(table, caption + to_markdown(pd.DataFrame(rows, columns=columns)) + "\n")

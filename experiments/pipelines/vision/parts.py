@@ -10,7 +10,7 @@ from typing import Any
 
 import timm
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -31,8 +31,11 @@ def build_model(cfg: DictConfig) -> GapVisionTransformer:
     """The configured timm model (registered by ``multimax.integrations.timm``)."""
     attn, attn_options = normalizer_options(cfg, "attention")
     out, out_options = normalizer_options(cfg, "output")
+    fidelity = cfg.get("fidelity") or {}  # configs/fidelity/: the paper's text or the authors' code
     return timm.create_model(
         cfg.model.name,
+        qkv_bias=bool(fidelity.get("qkv_bias", True)),
+        sigma_init=OmegaConf.to_container(fidelity.sigma_init) if fidelity else None,
         num_classes=int(cfg.data.num_classes),
         img_size=int(cfg.data.img_size),
         in_chans=int(cfg.data.in_chans),

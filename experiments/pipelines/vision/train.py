@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 import multimax
-from experiments.core.console import dry_run_report
+from experiments.core.console import dry_run_report, fidelity_line
 from experiments.core.io import atomic_write_text
 from experiments.core.results import RESULTS_FILE, RunResult
 from experiments.core.rundir import RunDir, latest_checkpoint
@@ -360,4 +360,6 @@ def dry_run(cfg: DictConfig) -> str:
         )
         print(extra)
         text += "\n" + extra
-    return text
+    reproduces = fidelity_line(cfg.get("fidelity"))
+    print(reproduces)
+    return text + "\n" + reproduces

@@ -8,6 +8,11 @@ is 1 / True at padding; ``attn_mask`` (T, S) is additive (float, ``-inf`` = mask
 *after* the normaliser's transform) or boolean / byte with True = masked. fairseq's
 future mask (``triu(-inf, 1)``) is recognised and passed on as ``is_causal=True`` so that
 the fastest path that supports causality can run.
+
+``incremental_normalizer`` (None by default) replaces ``normalizer`` whenever fairseq calls with
+an incremental state (the decoder in beam search): a plain softmax there is what the authors'
+fairseq code computes, since its σ runs only in fairseq's non-incremental fast path
+(``--incremental-normalizer softmax``, docs/fidelity.md).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class MultimaxMultiheadAttention(MultiheadAttention):
 
     ``normalizer``: one instance per attention layer, its parameters shared by the heads.
     ``attention_impl``: ``"auto"`` or a path name of ``multimax.ATTENTION_PATHS``.
+    ``incremental_normalizer``: used instead of ``normalizer`` in incremental decoding (None:
+    ``normalizer`` there too), e.g. a plain softmax, which has no parameters.
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class MultimaxMultiheadAttention(MultiheadAttention):
         *,
         normalizer: Normalizer,
         attention_impl: str = "auto",
+        incremental_normalizer: Normalizer | None = None,
         **kwargs,
     ) -> None:
         for unsupported in ("add_bias_kv", "add_zero_attn", "xformers_att_config"):
@@ -66,6 +74,7 @@ class MultimaxMultiheadAttention(MultiheadAttention):
         super().__init__(embed_dim, num_heads, **kwargs)
         name_dropout_after(self, MultiheadAttention)
         self.normalizer = exempt_from_weight_decay(normalizer)
+        self.incremental_normalizer = incremental_normalizer
         self.attention_impl = attention_impl
         self._causal_cache: tuple[tuple, Tensor] | None = None
 
@@ -202,7 +211,12 @@ class MultimaxMultiheadAttention(MultiheadAttention):
             if attn_mask is not None:
                 attn_mask = attn_mask.repeat(beams, 1)
 
+        normalizer = self.normalizer
+        if saved_state is not None and self.incremental_normalizer is not None:
+            normalizer = self.incremental_normalizer
         mask, is_causal = self._attention_mask(key_padding_mask, attn_mask, q.dtype)
+        if normalizer.causal_only and self.self_attention and saved_state is not None:
+            is_causal = True  # a decoding step: its queries are the newest positions (no mask)
         dropout_p = (
             self.dropout_module.p
             if self.training or self.dropout_module.apply_during_inference
@@ -212,7 +226,7 @@ class MultimaxMultiheadAttention(MultiheadAttention):
             q,
             k,
             v,
-            self.normalizer,
+            normalizer,
             mask=mask,
             is_causal=is_causal,
             dropout_p=dropout_p,
@@ -225,7 +239,7 @@ class MultimaxMultiheadAttention(MultiheadAttention):
             # output above still comes from multimax.attention, so the fastest path runs and
             # record_attention() sees this call; the scores are computed twice only here.
             _, weights = multimax.attention_with_weights(
-                q, k, v, self.normalizer, mask=mask, is_causal=is_causal, scale=self.scaling
+                q, k, v, normalizer, mask=mask, is_causal=is_causal, scale=self.scaling
             )
 
         if beams > 1:
@@ -244,4 +258,44 @@ class MultimaxMultiheadAttention(MultiheadAttention):
         return out, weights
 
 
-__all__ = ["MultimaxMultiheadAttention"]
+_ROLE_NAMES = {"encoder_self": "encoder self-attention", "decoder_self": "decoder self-attention",
+               "cross": "cross-attention"}  # fmt: skip
+
+
+def attention_role(module_name: str) -> str:
+    """``encoder_self``, ``decoder_self`` or ``cross`` for an attention module's name in a
+    fairseq transformer (``encoder.layers.0.self_attn``, ``decoder.layers.1.encoder_attn``)."""
+    if module_name.endswith("encoder_attn"):
+        return "cross"
+    return "encoder_self" if module_name.startswith("encoder.") else "decoder_self"
+
+
+def _name(normalizer: Normalizer) -> str:
+    return getattr(normalizer, "registry_name", type(normalizer).__name__.lower())
+
+
+def sigma_placement(model: nn.Module) -> list[str]:
+    """Which normaliser acts where in a model built by the plugin, one line per kind of
+    attention (``encoder self-attention: multimax in 6 layers``, plus ``; beam search:
+    softmax`` where incremental decoding uses another) and one for the output layer."""
+    seen: dict[str, dict[tuple[str, str], int]] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, MultimaxMultiheadAttention):
+            kinds = seen.setdefault(attention_role(module_name), {})
+            incremental = module.incremental_normalizer or module.normalizer
+            key = (_name(module.normalizer), _name(incremental))
+            kinds[key] = kinds.get(key, 0) + 1
+    lines = []
+    for role, label in _ROLE_NAMES.items():
+        for (normalizer, incremental), count in seen.get(role, {}).items():
+            line = f"{label}: {normalizer} in {count} layer{'s' * (count > 1)}"
+            if role != "encoder_self" and incremental != normalizer:
+                line += f"; beam search: {incremental}"
+            lines.append(line)
+    output = getattr(getattr(model, "decoder", None), "output_normalizer", None)
+    if output is not None:
+        lines.append(f"output layer: {_name(output)}")
+    return lines
+
+
+__all__ = ["MultimaxMultiheadAttention", "attention_role", "sigma_placement"]

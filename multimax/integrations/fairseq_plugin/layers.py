@@ -48,7 +48,9 @@ class MultimaxTransformerEncoderLayer(TransformerEncoderLayerBase):
         return MultimaxMultiheadAttention(
             embed_dim,
             cfg.encoder.attention_heads,
-            normalizer=self.multimax_options.build_attention_normalizer(),
+            normalizer=self.multimax_options.build_attention_normalizer(
+                cfg.encoder.attention_heads, role="encoder_self"
+            ),
             attention_impl=self.multimax_options.attention_impl,
             dropout=cfg.attention_dropout,
             self_attention=True,
@@ -85,7 +87,12 @@ class MultimaxTransformerDecoderLayer(TransformerDecoderLayerBase):
         return MultimaxMultiheadAttention(
             embed_dim,
             cfg.decoder.attention_heads,
-            normalizer=self.multimax_options.build_attention_normalizer(),
+            normalizer=self.multimax_options.build_attention_normalizer(
+                cfg.decoder.attention_heads,
+                causal=not cfg.cross_self_attention,
+                role="decoder_self",
+            ),
+            incremental_normalizer=self.multimax_options.build_incremental_normalizer(),
             attention_impl=self.multimax_options.attention_impl,
             dropout=cfg.attention_dropout,
             add_bias_kv=add_bias_kv,
@@ -100,7 +107,10 @@ class MultimaxTransformerDecoderLayer(TransformerDecoderLayerBase):
         return MultimaxMultiheadAttention(
             embed_dim,
             cfg.decoder.attention_heads,
-            normalizer=self.multimax_options.build_attention_normalizer(),
+            normalizer=self.multimax_options.build_attention_normalizer(
+                cfg.decoder.attention_heads, role="cross"
+            ),
+            incremental_normalizer=self.multimax_options.build_incremental_normalizer(),
             attention_impl=self.multimax_options.attention_impl,
             kdim=cfg.encoder.embed_dim,
             vdim=cfg.encoder.embed_dim,
