@@ -12,7 +12,8 @@ length of 0) give the empty or zero output on every path.
 whose ``auto`` rule holds, unless ``impl`` names one):
 
 * ``sdpa``: PyTorch's fused kernels, softmax with a fixed temperature (plain softmax
-  included): first, so softmax baselines run exactly what stock timm / fairseq run;
+  included) and Scalable-Softmax (its per-row factor s·log n folded into q): first, so
+  softmax baselines run exactly what stock timm / fairseq run;
 * ``flex``: FlexAttention with σ as ``score_mod`` (CUDA; flash-style, no N×M tensor;
   forward-only on the CPU, so only when forced there);
 * ``inference``: σ fused into the softmax, nothing saved (no gradient needed);
@@ -20,7 +21,8 @@ whose ``auto`` rule holds, unless ``impl`` names one):
 * ``reference``: explicit N×M weights, every normaliser.
 
 ``inference`` and ``fused`` serve softmax-of-point-wise-σ normalisers (MultiMax, softmax
-with temperature). Every rule of the automatic choice is in this module, beside the
+with temperature) and the row maps of :mod:`multimax.row_maps` (softmax with a sink logit,
+sigmoid, softpick); α-entmax and stick-breaking run the reference. Every rule of the automatic choice is in this module, beside the
 registry (section "the auto rules"); :mod:`multimax.flex` and :mod:`multimax.fused` only
 say whether they can run. ``auto`` takes flex on CUDA only, and inference / fused only when
 their kernels run compiled (:func:`multimax.compile_policy.use_compiled_kernels`: large
@@ -47,8 +49,16 @@ from torch import Tensor
 from .compile_policy import use_compiled_kernels
 from .flex import flex_can_run, flex_sigma_attention
 from .fused import fused_attention
-from .normalizers import MASKED_BIAS, Normalizer, Softmax, build_normalizer, check_causal_use
-from .sigma import pointwise_sigma
+from .normalizers import (
+    MASKED_BIAS,
+    Normalizer,
+    Softmax,
+    SSMax,
+    build_normalizer,
+    check_causal_use,
+)
+from .precision import upcast
+from .row_maps import fused_spec
 from .tensor_cache import TensorCache
 from .tiling import num_scores
 
@@ -161,14 +171,30 @@ def _reference(inputs: AttentionInputs) -> Tensor:
 
 def _sdpa_can_run(inputs: AttentionInputs) -> bool:
     n = inputs.normalizer
-    return isinstance(n, Softmax) and not n.learn_temperature
+    return (isinstance(n, Softmax) and not n.learn_temperature) or isinstance(n, SSMax)
+
+
+def _query_scale(inputs: AttentionInputs, keep: Tensor | None) -> float | Tensor:
+    """What multiplies q·kᵀ before SDPA's softmax: scale / T for softmax; for SSMax
+    scale · s_h · log n per query row (n: the row's unmasked keys, at least 1), shaped
+    (..., H, N, 1) to multiply q."""
+    normalizer = inputs.normalizer
+    if isinstance(normalizer, Softmax):
+        return inputs.scale / normalizer._fixed_temperature
+    assert isinstance(normalizer, SSMax)
+    m = inputs.k.shape[-2]
+    count = keep.sum(-1, keepdim=True) if keep is not None else torch.tensor(m)
+    dtype = upcast(inputs.q).dtype
+    log_n = count.to(device=inputs.q.device, dtype=dtype).clamp_min(1).log()
+    head_scale = normalizer.head_view(normalizer.scale, inputs.q).to(dtype)
+    return inputs.scale * head_scale * log_n
 
 
 def _sdpa(inputs: AttentionInputs) -> Tensor:
-    normalizer = inputs.normalizer
-    assert isinstance(normalizer, Softmax)
-    scale = inputs.scale / normalizer._fixed_temperature
     keep = combined_keep(inputs)
+    q, scale = inputs.q, _query_scale(inputs, keep)
+    if isinstance(scale, Tensor):  # a factor per query row: folded into q
+        q, scale = (upcast(q) * scale).to(q.dtype), 1.0
     attn_mask: Tensor | None = None
     empty_rows: Tensor | None = None
     if keep is not None:
@@ -185,7 +211,7 @@ def _sdpa(inputs: AttentionInputs) -> Tensor:
             )
         attn_mask = bias
     out = F.scaled_dot_product_attention(
-        inputs.q, inputs.k, inputs.v, attn_mask=attn_mask, dropout_p=inputs.dropout_p, scale=scale
+        q, inputs.k, inputs.v, attn_mask=attn_mask, dropout_p=inputs.dropout_p, scale=scale
     )
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
@@ -209,8 +235,8 @@ def _flex(inputs: AttentionInputs) -> Tensor:
     )
 
 
-def _pointwise(inputs: AttentionInputs) -> bool:
-    return pointwise_sigma(inputs.normalizer) is not None
+def _fusable(inputs: AttentionInputs) -> bool:
+    return fused_spec(inputs.normalizer) is not None
 
 
 def _fused(inputs: AttentionInputs) -> Tensor:
@@ -246,7 +272,9 @@ def _auto_compiled(inputs: AttentionInputs) -> bool:
 
 # In auto order: SDPA first, so softmax baselines run exactly what stock timm / fairseq run.
 register_attention_path(
-    AttentionPath("sdpa", _sdpa_can_run, _sdpa, "torch SDPA (fixed-temperature softmax)")
+    AttentionPath(
+        "sdpa", _sdpa_can_run, _sdpa, "torch SDPA (fixed-temperature softmax, SSMax via q)"
+    )
 )
 register_attention_path(
     AttentionPath(
@@ -260,18 +288,18 @@ register_attention_path(
 register_attention_path(
     AttentionPath(
         "inference",
-        lambda inputs: _pointwise(inputs) and not inputs.needs_grad,
+        lambda inputs: _fusable(inputs) and not inputs.needs_grad,
         _fused,
-        "σ fused into softmax, nothing saved (no gradients; point-wise σ)",
+        "σ fused into the row map, nothing saved (no gradients; point-wise σ or a row map)",
         auto=_auto_compiled,
     )
 )
 register_attention_path(
     AttentionPath(
         "fused",
-        _pointwise,
+        _fusable,
         _fused,
-        "fused σ + softmax with its own backward (point-wise σ)",
+        "fused σ + row map with its own backward (point-wise σ or a row map)",
         auto=_auto_compiled,
     )
 )

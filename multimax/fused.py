@@ -1,13 +1,16 @@
-"""Fused σ + softmax attention: one autograd Function that keeps what eager softmax keeps.
+"""Fused σ + row-map attention: one autograd Function that keeps what eager softmax keeps.
 
-For scores R = q·kᵀ, x = R · scale, H = σ(x) + bias (masked entries −∞):
+For scores R = q·kᵀ, x = R · scale, H = σ(x) + bias (masked entries −∞), and a row map
+(softmax; softmax with a sink logit, sigmoid, softpick: :mod:`multimax.row_maps`):
 
     P = exp(H − m) / s,  O = P · v   (m: row max, s: row sum of exp(H − m))   (forward)
     dP = dO · vᵀ,  δ = rowsum(P ⊙ dP),  dH = P ⊙ (dP − δ)               (backward)
     dR = scale · σ'(x) ⊙ dH,  dq = dR · k,  dk = dRᵀ · q,  dv = Pᵀ · dO
     dθ = Σ dH ⊙ ∂σ/∂θ(x)       (θ: σ's parameters, e.g. MultiMax's a_k, b_k, c_k, d_k)
 
-The forward saves q, k, v and each row's log-sum-exp as the pair (m, log s), nothing N×M;
+(the softmax map shown; the others change P and dH, and add their own parameters' sums).
+The forward saves q, k, v and two statistics per row (for softmax its log-sum-exp as the
+pair (m, log s)), nothing N×M;
 forward and backward walk the scores tile by tile (:mod:`multimax.tiling`), the backward
 recomputing each tile's σ, σ' and P from them point-wise (bit for bit as in the forward),
 so only one tile's scores, P, dP and dR exist at a time. The point-wise work (σ, masking,
@@ -33,7 +36,7 @@ from .compile_policy import kernel, use_compiled_kernels
 from .function_grads import autograd_backward, split_params
 from .normalizers import Normalizer
 from .precision import autocast_cast, autocast_disabled, upcast
-from .sigma import pointwise_sigma
+from .row_maps import fused_spec
 from .tensor_cache import compact_mask
 from .tiling import (
     attention_tiles,
@@ -62,43 +65,40 @@ def _scores(sigma, x, keep, bias, causal, params):
     return h
 
 
-def _probs_kernel(sigma, raw, scale, keep, bias, causal, params):
-    """(P in raw's dtype, ℓ): P = softmax of each row of H, and its log-sum-exp as the pair
-    ℓ = (m, log s) (row max m, s = Σ exp(H − m); (0, 0) on a row without any key, whose P
-    is all zeros). P = exp((H − m) − log s) is recomputed from ℓ bit for bit in the backward;
-    the pair, not m + log s, because rounding that sum would scale the whole row of P by a
-    relative error of about ulp(m), ten times the softmax's own."""
-    h = _scores(sigma, upcast(raw) * scale, keep, bias, causal, params)
-    m = h.amax(-1, keepdim=True)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    s = torch.exp(h - m).sum(-1, keepdim=True)
-    log_s = torch.log(torch.where(s > 0, s, torch.ones_like(s)))
-    return torch.exp((h - m) - log_s).to(raw.dtype), torch.cat([m, log_s], dim=-1)
+def _probs_kernel(spec, raw, scale, keep, bias, causal, params, row_params):
+    """(P in raw's dtype, the row statistics): H = σ(x) + bias, masked, then the row map
+    (:mod:`multimax.row_maps`; for softmax the pair (m, log s), (0, 0) on a row without any
+    key, whose P is all zeros). The backward recomputes P from the statistics bit for bit."""
+    h = _scores(spec.sigma, upcast(raw) * scale, keep, bias, causal, params)
+    p, stats = spec.rows.forward(h, *row_params)
+    return p.to(raw.dtype), stats
 
 
-def _inference_kernel(sigma, raw, scale, keep, bias, causal, params):
-    return _probs_kernel(sigma, raw, scale, keep, bias, causal, params)[0]
+def _inference_kernel(spec, raw, scale, keep, bias, causal, params, row_params):
+    return _probs_kernel(spec, raw, scale, keep, bias, causal, params, row_params)[0]
 
 
-def _grad_kernel(sigma, raw, scale, keep, bias, causal, lse, dp, drop, keep_prob, want, params):
-    """(P for dv or None, dR, dH or None, dθ) of one tile: P = exp(H − ℓ) recomputed,
-    dH = P ⊙ (dP − rowsum(P ⊙ dP)), dR = scale · σ'(x) ⊙ dH. ``want`` = (P, dH): each
-    returned tile is one more temporary, so only when needed (P when v needs a gradient,
-    dH for an additive mask's gradient)."""
+def _grad_kernel(
+    spec, raw, scale, keep, bias, causal, stats, dp, drop, keep_prob, want, params, row_params
+):
+    """(P for dv or None, dR, dH or None, dθ) of one tile: P recomputed from the row
+    statistics, dH from the row map's backward, dR = scale · σ'(x) ⊙ dH; dθ: σ's parameter
+    gradients, then the row map's. ``want`` = (P, dH): each returned tile is one more
+    temporary, so only when needed (P when v needs a gradient, dH for an additive mask's
+    gradient)."""
     want_p, want_dh = want
     x = upcast(raw) * scale
-    p = torch.exp((_scores(sigma, x, keep, bias, causal, params) - lse[..., :1]) - lse[..., 1:])
+    h = _scores(spec.sigma, x, keep, bias, causal, params)
+    p = spec.rows.probs(h, stats, *row_params)
     p_out = None
     if want_p:
         p_out = (p if drop is None else p * drop / keep_prob).to(raw.dtype)
     dp = upcast(dp)
     if drop is not None:
         dp = dp * drop / keep_prob
-    # δ = rowsum(P ⊙ dP), as softmax's own backward has it (rowsum(dO ⊙ O) is equal in exact
-    # arithmetic but cancels badly when σ steepens the scores).
-    dh = p * (dp - (p * dp).sum(-1, keepdim=True))
-    dx, dparams = sigma.backward(x, dh, *params)
-    return p_out, (dx * scale).to(raw.dtype), (dh if want_dh else None), dparams
+    dh, d_row = spec.rows.backward(h, p, dp, stats, *row_params)
+    dx, dparams = spec.sigma.backward(x, dh, *params)
+    return p_out, (dx * scale).to(raw.dtype), (dh if want_dh else None), torch.cat([dparams, d_row])
 
 
 def _slice_key(sl: slice) -> tuple:
@@ -129,17 +129,21 @@ def _dropout_keep(shape: Sequence[int], device: torch.device, dropout_p: float) 
 
 
 class FusedSigmaSoftmaxAttention(torch.autograd.Function):
-    """softmax(σ(q·kᵀ·scale) + bias, masked) · v, tile by tile; the forward keeps q, k, v and
-    one log-sum-exp per row, the backward recomputes each tile."""
+    """map(σ(q·kᵀ·scale) + bias, masked) · v, tile by tile (map: softmax or another row map);
+    the forward keeps q, k, v and two statistics per row, the backward recomputes each tile.
+    ``params``: σ's ``n_sigma`` parameters, then the row map's."""
 
     @staticmethod
-    def forward(ctx, q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, *params):
+    def forward(
+        ctx, q, k, v, keep, bias, causal, dropout_p, scale, spec, compiled, n_sigma, *params
+    ):
         rng = _rng_state(q.device) if dropout_p > 0 else None
+        split = (params[:n_sigma], params[n_sigma:])
         out, lse = _tiled_forward(
-            q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params, True
+            q, k, v, keep, bias, causal, dropout_p, scale, spec, compiled, split, True
         )
         ctx.save_for_backward(q, k, v, keep, bias, lse, *params)
-        ctx.meta = (causal, dropout_p, scale, sigma, compiled, rng)
+        ctx.meta = (causal, dropout_p, scale, spec, compiled, n_sigma, rng)
         return out
 
     @staticmethod
@@ -147,7 +151,7 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a second derivative will be taken
             return _differentiable_attention_backward(ctx, d_out)
         q, k, v, keep, bias, lse, *params = ctx.saved_tensors
-        causal, dropout_p, scale, sigma, compiled, rng = ctx.meta
+        causal, dropout_p, scale, spec, compiled, n_sigma, rng = ctx.meta
         keep_prob = 1.0 - dropout_p
         d_out = d_out.contiguous()
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
@@ -161,7 +165,7 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
         started: set[object] = set()  # batch slices whose dk, dv hold a first tile's sum
         d_bias = torch.zeros(bias.shape, dtype=acc, device=q.device) if want_dh else None
         d_params = torch.zeros(sum(p.numel() for p in params), dtype=acc, device=q.device)
-        grad = kernel(_grad_kernel, sigma, compiled)
+        grad = kernel(_grad_kernel, spec, compiled)
         replay = _replayed_rng(q.device, rng) if rng is not None else contextlib.nullcontext()
         with autocast_disabled(q.device.type), replay:
             for tile in attention_tiles(q, k, v, causal):
@@ -185,7 +189,8 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
                     drop,
                     keep_prob,
                     (need_v, want_dh),
-                    params,
+                    tuple(params[:n_sigma]),
+                    tuple(params[n_sigma:]),
                 )
                 del raw, dp, drop
                 # The first tile of a batch slice writes dk, dv over all keys (the keys past
@@ -224,6 +229,7 @@ class FusedSigmaSoftmaxAttention(torch.autograd.Function):
             None,
             None,
             None,
+            None,
             *split_params(d_params, params),
         )
 
@@ -234,10 +240,11 @@ def _differentiable_attention_backward(ctx, d_out):
     statistics as constants). Costs what the reference path costs (the whole N×M weights
     and dropout mask, redrawn); only runs when asked."""
     q, k, v, keep, bias, _lse, *params = ctx.saved_tensors
-    causal, dropout_p, scale, sigma, _compiled, rng = ctx.meta
+    causal, dropout_p, scale, spec, _compiled, n_sigma, rng = ctx.meta
     with torch.enable_grad():
         raw = torch.matmul(q, k.transpose(-2, -1))
-        p = _probs_kernel(sigma, raw, scale, keep, bias, causal, params)[0]
+        sigma_params, row_params = tuple(params[:n_sigma]), tuple(params[n_sigma:])
+        p = _probs_kernel(spec, raw, scale, keep, bias, causal, sigma_params, row_params)[0]
         if rng is not None:
             drop = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
             with _replayed_rng(q.device, rng):
@@ -248,23 +255,24 @@ def _differentiable_attention_backward(ctx, d_out):
         out = torch.matmul(p.to(v.dtype), v)
         needed = ctx.needs_input_grad
         dq, dk, dv, d_bias, *d_params = autograd_backward(
-            out, (q, k, v, bias, *params), (*needed[:3], needed[4], *needed[10:]), d_out
+            out, (q, k, v, bias, *params), (*needed[:3], needed[4], *needed[11:]), d_out
         )
-    return (dq, dk, dv, None, d_bias, None, None, None, None, None, *d_params)
+    return (dq, dk, dv, None, d_bias, None, None, None, None, None, None, *d_params)
 
 
-def _tiled_forward(q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params, lse):
-    """(output, per-row log-sum-exp (m, log s) or None): the forward, tile by tile; the
-    statistics only when ``lse`` (training: the backward recomputes P from them)."""
+def _tiled_forward(q, k, v, keep, bias, causal, dropout_p, scale, spec, compiled, params, lse):
+    """(output, the row statistics (for softmax the log-sum-exp as (m, log s)) or None): the
+    forward, tile by tile; ``params`` = (σ's, the row map's); the statistics only when
+    ``lse`` (training: the backward recomputes P from them)."""
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = row_buffer(v, (*batch, q.shape[-2], v.shape[-1]), causal, k.shape[-2])
     stats = None
     if lse:
         stats = torch.zeros(*batch, q.shape[-2], 2, dtype=upcast(q).dtype, device=q.device)
-    probs = kernel(_probs_kernel if lse else _inference_kernel, sigma, compiled)
+    probs = kernel(_probs_kernel if lse else _inference_kernel, spec, compiled)
     for tile in attention_tiles(q, k, v, causal):
         raw = torch.matmul(rows_of(q, tile), keys_of(k, tile).transpose(-2, -1))
-        p = probs(raw, scale, scores_of(keep, tile), scores_of(bias, tile), causal, params)
+        p = probs(raw, scale, scores_of(keep, tile), scores_of(bias, tile), causal, *params)
         del raw
         if lse:
             p, tile_lse = p
@@ -276,10 +284,10 @@ def _tiled_forward(q, k, v, keep, bias, causal, dropout_p, scale, sigma, compile
     return out, stats
 
 
-def _inference(q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params) -> Tensor:
+def _inference(q, k, v, keep, bias, causal, dropout_p, scale, spec, compiled, params) -> Tensor:
     """The forward alone, tile by tile, saving nothing."""
     return _tiled_forward(
-        q, k, v, keep, bias, causal, dropout_p, scale, sigma, compiled, params, False
+        q, k, v, keep, bias, causal, dropout_p, scale, spec, compiled, params, False
     )[0]
 
 
@@ -302,19 +310,20 @@ def fused_attention(
     :func:`multimax.compile_policy.use_compiled_kernels`. Under autocast, q, k and v are cast as autocast casts a
     matrix product's inputs and the rest runs outside autocast.
     """
-    sigma = pointwise_sigma(normalizer)
-    if sigma is None:
-        raise ValueError(f"{type(normalizer).__name__} has no point-wise σ kernel")
+    spec = fused_spec(normalizer)
+    if spec is None:
+        raise ValueError(f"{type(normalizer).__name__} has no fused attention kernel")
     (q, k, v), autocast_on = autocast_cast(q, k, v)
     if autocast_on:
         with autocast_disabled(q.device.type):
             return fused_attention(
                 q, k, v, normalizer, keep, bias, dropout_p, scale, compiled, is_causal
             )
-    params = tuple(sigma.params(normalizer))
+    params = tuple(spec.sigma.params(normalizer))
+    row_params = tuple(spec.rows.params(normalizer, q))
     scores = num_scores(q, k)
     if scores == 0:
-        return attention_without_scores(q, k, v, sigma, params, scale)
+        return attention_without_scores(q, k, v, spec.sigma, params, scale, row_params)
     if compiled is None:
         compiled = use_compiled_kernels(scores)
     rank = max(q.dim(), k.dim())
@@ -323,12 +332,25 @@ def fused_attention(
     # Row and key views of contiguous inputs fold into batched GEMMs without copies.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias, *params)
+        t is not None and t.requires_grad for t in (q, k, v, bias, *params, *row_params)
     )
     if not needs_grad:
-        return _inference(q, k, v, keep, bias, is_causal, dropout_p, scale, sigma, compiled, params)
+        split = (params, row_params)
+        return _inference(q, k, v, keep, bias, is_causal, dropout_p, scale, spec, compiled, split)
     return FusedSigmaSoftmaxAttention.apply(
-        q, k, v, keep, bias, is_causal, dropout_p, scale, sigma, compiled, *params
+        q,
+        k,
+        v,
+        keep,
+        bias,
+        is_causal,
+        dropout_p,
+        scale,
+        spec,
+        compiled,
+        len(params),
+        *params,
+        *row_params,
     )
 
 

@@ -4,7 +4,13 @@ Every normaliser is two steps, applied along ``dim``:
 
 1. ``transform(x)``: a point-wise map of the scores (identity, ``x / T``, MultiMax's σ);
 2. a *mapping* of the transformed scores onto the probability simplex
-   (softmax, sparsemax, 1.5-entmax, evidential softmax).
+   (softmax, sparsemax, 1.5-entmax, evidential softmax), or, for the attention normalisers of
+   2024-2025, onto weights that need not sum to one (sigmoid attention, softpick, a sink
+   logit, stick-breaking); Scalable-Softmax and learned-α entmax are distributions again.
+
+Some learn one value per attention head (``num_heads``: :class:`PerHeadNormalizer`); one is
+causal only (``causal_only``: stick-breaking); the ones whose rows are not distributions say
+why in ``output_refusal`` and cannot be an output layer (:func:`check_output_normalizer`).
 
 ``bias`` (an additive attention mask or position bias) is added between the two steps, so σ
 sees the raw scores. ``mask`` is boolean, ``True`` = keep; masked entries get
@@ -298,8 +304,8 @@ def softmax_sink_masked(
 ) -> Tensor:
     """Softmax with a sink logit s: w_j = e^{x_j} / (e^{s} + Σ_k e^{x_k}) over the kept entries
     (softmax₁ for s = 0); the mass e^{s} / (...) goes to no entry. An empty row gives zeros."""
-    if x.shape[dim] == 0:  # no entry: empty, still in the graph
-        return x * 0
+    if x.shape[dim] == 0:  # no entry: empty, still in the graph (x's and the sink's)
+        return x * 0 + 0 * sink.to(x.dtype).sum()
     x, keep = _rows_last(x, mask, dim)
     sink = torch.broadcast_to(sink.to(x.dtype), (*x.shape[:-1], 1))
     kept = x if keep is None else x.masked_fill(~keep, float("-inf"))

@@ -155,13 +155,23 @@ def row_buffer(like: Tensor, shape: Sequence[int], causal: bool, keys: int, **kw
 
 
 def attention_without_scores(
-    q: Tensor, k: Tensor, v: Tensor, sigma: PointwiseSigma, params: Sequence[Tensor], scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sigma: PointwiseSigma,
+    params: Sequence[Tensor],
+    scale: float,
+    other_params: Sequence[Tensor] = (),
 ) -> Tensor:
     """Attention with no score at all (a batch, query or key length of 0): the empty output,
     or zeros where queries have no key (as when all their keys are masked). The graph still
-    reaches q, k, v and σ's parameters, so each gets an (empty or zero) gradient."""
+    reaches q, k, v, σ's parameters and ``other_params`` (a row map's), so each gets an
+    (empty or zero) gradient."""
     h = sigma.forward(upcast(torch.matmul(q, k.transpose(-2, -1))) * scale, *params)
-    return torch.matmul(h.to(v.dtype), v)
+    out = torch.matmul(h.to(v.dtype), v)
+    for param in other_params:
+        out = out + 0 * param.sum().to(out.dtype)
+    return out
 
 
 __all__ = [

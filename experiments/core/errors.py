@@ -6,6 +6,9 @@ from __future__ import annotations
 STOP_EXIT_CODE = 3
 # Exit code of a run refused before it started (bad input, run dir in use).
 USAGE_EXIT_CODE = 2
+# Exit code of a run stopped by SIGTERM / SIGUSR2 after saving a checkpoint at its current step
+# (experiments.core.signals): rerunning the printed command continues it.
+INTERRUPTED_EXIT_CODE = 4
 
 # --- stopping a run with one line -----------------------------------------------------------
 

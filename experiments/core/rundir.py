@@ -38,6 +38,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -54,7 +55,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from experiments.core.errors import RunStop
-from experiments.core.io import atomic_torch_save, atomic_write_text
+from experiments.core.io import atomic_torch_save, atomic_write_text, require_writable
 from experiments.core.results import (
     METRICS_LOG,
     RESULTS_FILE,
@@ -93,6 +94,8 @@ def note_run_dir(run_dir: str | Path) -> None:
     """Called before Hydra creates the run directory: remember it if this invocation makes it."""
     global _NEW_RUN_DIR
     run_dir = Path(run_dir).resolve()
+    with stops_cleanly():  # one line, before Hydra's own mkdir fails with a traceback
+        require_writable(run_dir, "the run directory", "give hydra.run.dir=... a writable place")
     _NEW_RUN_DIR = None if run_dir.exists() else run_dir
 
 
@@ -110,6 +113,21 @@ def discard_unused_run_dir() -> None:
         run_dir.rmdir()
 
 
+# Characters a value may hold unquoted in Hydra's override grammar with the same meaning.
+_HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/+.%@:-]+")
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` written so that Hydra's override grammar reads it back unchanged: as it is
+    when plain, else in single quotes (a quote and the backslashes before it escaped, as are
+    the backslashes before the closing quote and every ``${``, which would interpolate)."""
+    if _HYDRA_PLAIN.fullmatch(value):
+        return value
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return "'" + escaped.replace("${", "\\${") + "'"
+
+
 def resume_command(run_dir: str | Path) -> str | None:
     """The command that continues this run: the app and its overrides as given, with
     ``hydra.run.dir=`` set to ``run_dir``; None outside a Hydra app."""
@@ -119,7 +137,8 @@ def resume_command(run_dir: str | Path) -> str | None:
     overrides = list(hc.overrides.task)
     skip = ("hydra.run.dir=", "hydra.mode=")
     overrides += [o for o in hc.overrides.hydra if not o.startswith(skip)]
-    args = shlex.join([*overrides, f"hydra.run.dir={Path(run_dir).resolve()}"])
+    run_dir_override = f"hydra.run.dir={hydra_quoted(str(Path(run_dir).resolve()))}"
+    args = shlex.join([*overrides, run_dir_override])
     app = f"-m experiments.{hc.job.name} {args}"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's own flags are not known here
         return f"the same torchrun ... {app}"
@@ -141,12 +160,11 @@ CHECKPOINT_PREVIOUS = "checkpoint_previous.pt"
 
 def save_checkpoint(state: Mapping[str, Any], run_dir: str | Path) -> Path:
     """Atomically write ``checkpoint_last.pt``, keeping the one before as
-    ``checkpoint_previous.pt`` (the fallback if the last is ever unreadable)."""
+    ``checkpoint_previous.pt`` (the fallback if the last is ever unreadable). The old one is
+    moved only once the new one is complete: a failed save (full disk) keeps it as it was."""
     run_dir = Path(run_dir)
     last = run_dir / CHECKPOINT_LAST
-    if last.exists():
-        os.replace(last, run_dir / CHECKPOINT_PREVIOUS)
-    atomic_torch_save(dict(state), last)
+    atomic_torch_save(dict(state), last, keep_previous=run_dir / CHECKPOINT_PREVIOUS)
     return last
 
 

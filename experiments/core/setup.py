@@ -144,7 +144,9 @@ def normalizer_label(
     ``softmax(learn_temperature=True)``), plus ``/output`` when an output normaliser is
     given that is neither the same nor ``none`` (``softmax/multimax``), plus `` [authors]``
     when the run's ``fidelity`` is not the paper's (:func:`fidelity_label`), so runs of the
-    paper's text and of the authors' code never share a row."""
+    paper's text and of the authors' code never share a row (a ``name`` that is already such a
+    label, ``multimax [authors]``, keeps its suffix last)."""
+    name, _, tagged = name.partition(" [")
     label = name
     if options:
         defaults = _normalizer_defaults(name)
@@ -159,4 +161,6 @@ def normalizer_label(
         label += f"/{output}"
     if reproduces := fidelity_label(fidelity):
         label += f" [{reproduces}]"
+    elif tagged:
+        label += f" [{tagged}"
     return label

@@ -53,6 +53,7 @@ from torch import Tensor
 
 import multimax
 from multimax.attention import AttentionInputs, select_path
+from multimax.integrations.timm_checkpoints import saved_model_args
 from multimax.normalizers import (
     NORMALIZERS,
     Normalizer,
@@ -289,18 +290,20 @@ _GAP = {"class_token": False, "global_pool": "avg", "fc_norm": False}
 
 
 def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any):
-    if pretrained:
-        raise ValueError(
-            f"{variant}: no pretrained weights exist; train one with experiments.vision"
-        )
+    if pretrained:  # a trained run's weights: its checkpoint or an export (timm_checkpoints.py)
+        kwargs = saved_model_args(variant, kwargs)
     out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViT
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         GapVisionTransformer,
         variant,
-        pretrained=False,
+        pretrained=pretrained,
         feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
         **{**arch, **_GAP, **kwargs},
     )
+    if pretrained:  # what timm.create_model records for save_for_hf: the recorded ones too
+        runtime = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
+        model._model_args = {k: v for k, v in kwargs.items() if k not in runtime}
+    return model
 
 
 @register_model

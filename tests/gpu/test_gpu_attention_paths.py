@@ -1,14 +1,16 @@
 """On CUDA, ``impl="auto"`` trains every normaliser on the path the project promises (stock
-softmax on SDPA, σ normalisers on FlexAttention) and agrees with the reference there
-(float32, a padded batch, outputs and the gradients of q, k, v and σ), at the DeiT-small
-attention shape."""
+softmax and SSMax on SDPA, σ normalisers on FlexAttention, the row maps (sink, sigmoid,
+softpick) on the compiled tiled Function) and agrees with the reference there (float32, a
+padded batch, outputs and the gradients of q, k, v and the normaliser's parameters), at the
+DeiT-small attention shape."""
 
 import pytest
 import torch
 
 import multimax
 from multimax.attention import AttentionInputs, select_path
-from multimax.normalizers import Softmax
+from multimax.normalizers import Softmax, SSMax
+from multimax.row_maps import fused_spec
 from multimax.sigma import pointwise_sigma
 
 pytestmark = [
@@ -17,6 +19,7 @@ pytestmark = [
 ]
 
 DEIT_SMALL = (2, 6, 197, 64)  # (B, H, N, D)
+DEIT_SMALL_BATCH16 = (16, 6, 197, 64)  # the benchmark's: large enough for compiled kernels
 BUILDS = {name: {"name": name} for name in multimax.NORMALIZERS}
 BUILDS["softmax_learned_T"] = {"name": "softmax", "learn_temperature": True}
 
@@ -27,21 +30,27 @@ def build(name: str, device: str) -> multimax.Normalizer:
 
 
 def promised_path(normalizer: multimax.Normalizer) -> str | None:
-    """Stock softmax on SDPA, σ normalisers on FlexAttention; None where nothing is promised."""
+    """Stock softmax and SSMax on SDPA, σ normalisers on FlexAttention, the other row maps on
+    the tiled Function (where its kernels compile); None where nothing is promised."""
     if isinstance(normalizer, Softmax) and not normalizer.learn_temperature:
+        return "sdpa"
+    if isinstance(normalizer, SSMax):
         return "sdpa"
     if pointwise_sigma(normalizer) is not None:
         return "flex"
+    if fused_spec(normalizer) is not None:
+        return "fused"
     return None
 
 
-def training_path(normalizer, device: str, shape=DEIT_SMALL) -> str:
+def training_path(normalizer, device: str, shape=DEIT_SMALL_BATCH16) -> str:
     b, h, n, d = shape
     q, k, v = (
         torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16).requires_grad_()
         for _ in range(3)
     )
-    return select_path(AttentionInputs(q, k, v, normalizer, None, None, False, 0.0, d**-0.5))
+    causal = normalizer.causal_only
+    return select_path(AttentionInputs(q, k, v, normalizer, None, None, causal, 0.0, d**-0.5))
 
 
 def auto_against_reference(normalizer, device: str, shape=DEIT_SMALL) -> tuple[float, float]:
@@ -53,7 +62,9 @@ def auto_against_reference(normalizer, device: str, shape=DEIT_SMALL) -> tuple[f
     qkv = [torch.randn(b, h, n, d, device=device).requires_grad_() for _ in range(3)]
     results = {}
     for impl in ("auto", "reference"):
-        out = multimax.attention(*qkv, normalizer, mask=keep, impl=impl)
+        out = multimax.attention(
+            *qkv, normalizer, mask=keep, is_causal=normalizer.causal_only, impl=impl
+        )
         wanted = [*qkv, *normalizer.parameters()]
         results[impl] = (out, *torch.autograd.grad(out.square().sum(), wanted))
     error = max((a - r).abs().max().item() for a, r in zip(*results.values(), strict=True))
@@ -71,6 +82,7 @@ def test_auto_trains_each_normaliser_on_its_promised_path(name):
 
 
 @pytest.mark.parametrize("name", BUILDS)
-def test_auto_equals_the_reference_for_each_normaliser(name):
-    error, scale = auto_against_reference(build(name, "cuda"), "cuda")
+@pytest.mark.parametrize("shape", [DEIT_SMALL, DEIT_SMALL_BATCH16], ids=["b2", "b16"])
+def test_auto_equals_the_reference_for_each_normaliser(name, shape):
+    error, scale = auto_against_reference(build(name, "cuda"), "cuda", shape)
     assert error <= 1e-3 * max(scale, 1.0), f"{name}: auto differs by {error:.2e} (of {scale:.1e})"

@@ -111,3 +111,17 @@ def test_fairseq_refuses_stickbreaking_in_translation_and_non_distribution_outpu
             "multimax_transformer_iwslt_de_en",
             MT_SIZES + ["--output-normalizer", "softpick"],
         )
+
+
+def test_an_attention_only_normalizer_leaves_the_output_to_softmax_in_the_apps():
+    from experiments.core.setup import normalizer_options
+    from experiments.pipelines.fairseq.commands import normalizer_flags
+    from tests.composition import compose
+
+    cfg = compose("language_model", ["experiment=lm_wikitext103", "normalizer=stickbreaking"])
+    assert normalizer_options(cfg, "attention") == ("stickbreaking", {})
+    assert normalizer_options(cfg, "output") == ("softmax", {})
+    flags = normalizer_flags(cfg)
+    assert flags[:4] == ["--attn-normalizer", "stickbreaking", "--output-normalizer", "softmax"]
+    cfg = compose("vision", ["experiment=deit_tiny_imagenet", "normalizer=ssmax"])
+    assert normalizer_options(cfg, "output") == ("ssmax", {})

@@ -32,7 +32,16 @@ NORMALIZERS = {
     "multimax_v2": lambda: strong("multimax_v2"),
     "softmax_T0.5": lambda: build_normalizer("softmax", temperature=0.5),
     "softmax_learned": lambda: strong("softmax", temperature=2.0, learn_temperature=True),
+    # Row maps without σ (multimax.row_maps): the fused path runs them, FlexAttention does not.
+    "softmax_sink": lambda: strong("softmax_sink", num_heads=3),
+    "softmax_sink_shared": lambda: strong("softmax_sink"),
+    "sigmoid": lambda: build_normalizer("sigmoid"),
+    "sigmoid_fixed_bias": lambda: build_normalizer("sigmoid", logit_bias=-1.5),
+    "softpick": lambda: build_normalizer("softpick"),
 }
+ROW_MAPS = ["softmax_sink", "softmax_sink_shared", "sigmoid", "sigmoid_fixed_bias", "softpick"]
+# Scalable-Softmax runs on SDPA, its per-row factor s·log n folded into q (3 heads, as inputs()).
+SSMAX = {"ssmax": lambda: strong("ssmax", num_heads=3), "ssmax_shared": lambda: strong("ssmax")}
 
 
 def inputs(b=2, h=3, n=9, m=None, d=8, seed=0, device="cpu"):

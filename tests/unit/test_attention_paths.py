@@ -6,7 +6,16 @@ import math
 
 import pytest
 import torch
-from attention_cases import NORMALIZERS, inputs, masks, needs_flex
+from attention_cases import (
+    NORMALIZERS,
+    ROW_MAPS,
+    SSMAX,
+    assert_same,
+    fast_and_reference,
+    inputs,
+    masks,
+    needs_flex,
+)
 
 from multimax import attention, build_normalizer
 from multimax.attention import (
@@ -37,6 +46,66 @@ def test_auto_selection_by_normaliser_grad_mode_and_size():
         assert select_path(softmax) == "sdpa"
     finally:
         set_compile_policy(previous)
+
+
+@pytest.mark.parametrize("policy", ["auto", "always"])
+def test_auto_selection_for_the_normalisers_of_2025(policy):
+    """SSMax takes SDPA at any size; the row maps (sink, sigmoid, softpick) take the tiled
+    paths when their kernels compile, like MultiMax; α-entmax and stick-breaking have only
+    the reference."""
+    q, k, v = inputs()
+    expected = {
+        "ssmax": "sdpa",
+        "ssmax_shared": "sdpa",
+        "entmax_alpha": "reference",
+        "stickbreaking": "reference",
+        **{name: "fused" if policy == "always" else "reference" for name in ROW_MAPS},
+    }
+    builders = {**NORMALIZERS, **SSMAX}
+    previous = set_compile_policy(policy)
+    try:
+        for name, path in expected.items():
+            normalizer = builders[name]() if name in builders else build_normalizer(name)
+            causal = normalizer.causal_only
+            probe = AttentionInputs(q, k, v, normalizer, None, None, causal, 0.0, 0.3)
+            assert select_path(probe) == path, name
+            if path == "fused":
+                with torch.no_grad():
+                    assert select_path(probe) == "inference", name
+    finally:
+        set_compile_policy(previous)
+
+
+@pytest.mark.parametrize("norm", list(SSMAX))
+@pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal", "causal+padding"])
+def test_sdpa_runs_ssmax_with_its_factor_folded_into_q(norm, mask_name):
+    """softmax(s·log n·x + bias) with n each row's unmasked keys (causal included): SDPA on
+    q·(scale·s_h·log n) equals the reference in outputs and the gradients of q, k, v and s;
+    a row without keys gives zeros."""
+    normalizer = SSMAX[norm]()
+    q, k, v = inputs(n=7, m=11 if mask_name != "causal+padding" else 7)
+    mask, causal = masks(2, q.shape[2], k.shape[2])[mask_name]
+    fast, ref = fast_and_reference("sdpa", q, k, v, normalizer, mask, causal)
+    # s's gradient sums terms of size ~20 to ~0.02: q·(s·log n) rounds before the product.
+    assert_same(fast, ref, tol=1e-4)
+    if mask_name == "bool":
+        assert fast[0][0, 0, 1].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_ssmax_in_half_precision_returns_the_input_dtype(dtype):
+    """Half-precision q, k, v: SDPA runs in the input dtype, as it does for softmax (q·s·log n
+    and dq rounded to it), so its output and gradients (s's a sum of ~10² such dq terms)
+    stay within a few roundings (8 ε of the largest entry) of the reference."""
+    normalizer = SSMAX["ssmax"]()
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in inputs(n=7, m=9))
+    mask, _ = masks(2, 7, 9)["bool"]
+    fast, ref = fast_and_reference("sdpa", q, k, v, normalizer, mask, False)
+    assert fast[0].dtype == ref[0].dtype == dtype
+    eps = torch.finfo(dtype).eps
+    for got, want in zip([fast[0], *fast[1]], [ref[0], *ref[1]], strict=True):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), atol=8 * eps * scale, rtol=0)
 
 
 def test_forcing_a_path_that_cannot_run_names_those_that_can():
@@ -124,6 +193,9 @@ def _cpu_autocast_run(impl, normalizer, grads):
         ("fused", "multimax2"),
         ("fused", "multimax_v2"),
         ("fused", "softmax_learned"),
+        ("fused", "softmax_sink"),
+        ("fused", "softpick"),
+        ("sdpa", "ssmax"),
         ("inference", "multimax2"),
         pytest.param("flex", "multimax2", marks=needs_flex),
     ],
@@ -132,7 +204,7 @@ def test_every_path_runs_forward_and_backward_under_cpu_bf16_autocast(impl, norm
     """fp32 q, k, v under bf16 autocast: the products run in bf16 as autocast runs them and
     the path agrees with the reference under the same autocast (forward-only paths: no grad)."""
     grads = impl not in ("inference", "flex")
-    normalizer = NORMALIZERS[norm]()
+    normalizer = {**NORMALIZERS, **SSMAX}[norm]()
     out, got = _cpu_autocast_run(impl, normalizer, grads)
     ref, want = _cpu_autocast_run("reference", normalizer, grads)
     assert out.dtype == ref.dtype == torch.bfloat16
@@ -157,7 +229,10 @@ EMPTY = {"batch 0": (0, 5, 6), "queries 0": (2, 0, 6), "keys 0": (2, 5, 0)}
         ("reference", "sparsemax"),
         ("sdpa", "softmax"),
         ("fused", "multimax_v2"),
+        ("fused", "softmax_sink"),
+        ("sdpa", "ssmax"),
         ("inference", "multimax2"),
+        ("inference", "softpick"),
         pytest.param("flex", "multimax2", marks=needs_flex),
     ],
 )
@@ -170,7 +245,8 @@ def test_inputs_without_scores_give_the_empty_or_zero_output_with_gradients(
     zero; forward-only paths run without gradients."""
     b, n, m = EMPTY[case]
     grads = impl not in ("inference", "flex")
-    normalizer = NORMALIZERS[norm]() if norm in NORMALIZERS else build_normalizer(norm)
+    builders = {**NORMALIZERS, **SSMAX}
+    normalizer = builders[norm]() if norm in builders else build_normalizer(norm)
     q, k, v = (torch.randn(b, 3, length, 4, requires_grad=grads) for length in (n, m, m))
     mask = torch.ones(b, 1, n, m, dtype=torch.bool) if mask_kind == "bool" else None
     with torch.set_grad_enabled(grads):

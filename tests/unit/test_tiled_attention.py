@@ -6,6 +6,7 @@ import pytest
 import torch
 from attention_cases import (
     NORMALIZERS,
+    ROW_MAPS,
     assert_same,
     fast_and_reference,
     inputs,
@@ -61,9 +62,13 @@ def test_fused_with_keys_shared_across_the_batch(monkeypatch):
     assert_same(fast, ref)
 
 
-@pytest.mark.parametrize("norm", ["multimax2", "multimax1", "multimax_v2", "softmax_learned"])
+@pytest.mark.parametrize(
+    ("norm", "scores"),
+    [(norm, scores) for norm in ("multimax2", "multimax1", "multimax_v2", "softmax_learned")
+     for scores in (40, 200)]
+    + [(norm, 40) for norm in ROW_MAPS[::2]],
+)  # fmt: skip
 @pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal", "causal+padding"])
-@pytest.mark.parametrize("scores", [40, 200])
 def test_many_tiles_equal_the_reference(small_tiles, norm, mask_name, scores):
     """Rows split into tiles, batch items grouped (b = 4), causal tiles cut at their last
     row: outputs and gradients of q, k, v and σ, and the no-grad path, equal the reference."""

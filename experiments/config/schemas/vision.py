@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from experiments.config.schemas.base import (
@@ -19,6 +19,7 @@ from experiments.config.schemas.base import (
     Section,
     Share,
     Text,
+    cross,
 )
 
 
@@ -121,3 +122,17 @@ class Vision(App):
     augment: Augment
     optim: Optim
     trainer: Trainer
+
+    @model_validator(mode="after")
+    def _mixup_pairs_the_batch(self) -> Vision:
+        """timm's Mixup / CutMix mixes each image with the batch read backwards, which needs
+        an even batch on every process."""
+        a, batch = self.augment, self.trainer.batch_size
+        if (a.mixup > 0 or a.cutmix > 0) and batch % 2:
+            raise cross(
+                f"trainer.batch_size={batch}: Mixup / CutMix (augment.mixup={a.mixup}, "
+                f"augment.cutmix={a.cutmix}) pair the images of a batch, so it must be even; "
+                f"use trainer.batch_size={batch + 1 if batch > 1 else 2} or augment.mixup=0 "
+                "augment.cutmix=0"
+            )
+        return self

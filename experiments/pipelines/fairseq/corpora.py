@@ -10,9 +10,13 @@ One path for every corpus, real or smoke:
 The settings (BPE merges, cleaning limits, ...) live in ``configs/data/<name>.yaml``; the
 ``scripts/prepare_*.py`` command lines and the experiment apps both call :func:`prepare`.
 A finished data-bin carries ``PREPARED.json`` with the fingerprint of the settings (and of
-the tools' versions) it was built from; it is rebuilt only when that changes, and always in
-a temporary folder renamed into place at the end (an interrupted build never looks
-finished).
+the tools' versions) it was built from and the size and SHA-256 of every file it holds; it
+is rebuilt only when the settings change or a file no longer matches, and always in a
+temporary folder renamed into place at the end (an interrupted build never looks
+finished). Every run checks the sizes and each fairseq index against its ``.bin`` before
+training (cheap); ``python -m scripts.prepare_<corpus> --verify`` also checks every
+checksum. A build folder whose preparation was killed is removed by the next preparation;
+``fairseq-preprocess`` runs as a child that dies with its parent.
 
 One module of ~430 lines on purpose: it reads top to bottom as the recipe runs (settings and
 fingerprint → reading the corpus → text files → binarising → the language-model and
@@ -21,12 +25,15 @@ translation recipes); the text steps themselves live in ``translation_text``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
 import json
 import os
 import shutil
+import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,9 +44,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.core.errors import RunStop
-from experiments.core.io import REPO_ROOT
+from experiments.core.io import REPO_ROOT, atomic_write_text
 from experiments.pipelines.fairseq import translation_text as tt
 from experiments.pipelines.fairseq.smoke_corpora import GENERATORS
+from experiments.pipelines.fairseq.stages import run_stage
 
 CONFIG_DIR = REPO_ROOT / "configs" / "data"
 PREPARED_FILE = "PREPARED.json"
@@ -48,6 +56,11 @@ SPLITS = ("train", "valid", "test")
 
 class MissingCorpusError(RunStop, FileNotFoundError):
     """The prepared data is not there; the message names the command that prepares it."""
+
+
+class DamagedDataError(RunStop, ValueError):
+    """A prepared file no longer matches its record; the message names it and the command
+    that rebuilds the data."""
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -78,26 +91,121 @@ def fingerprint(cfg: DictConfig | Mapping) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_prepared(cfg: DictConfig) -> bool:
-    """True when ``cfg.dir`` holds a finished build of exactly these settings."""
+def _record(cfg: DictConfig) -> dict | None:
+    """``PREPARED.json`` of ``cfg.dir`` if it is a finished build of exactly these settings."""
     marker = Path(cfg.dir) / PREPARED_FILE
     if not marker.exists():
-        return False
+        return None
     try:
-        return json.loads(marker.read_text()).get("fingerprint") == fingerprint(cfg)
+        record = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return None
+    return record if record.get("fingerprint") == fingerprint(cfg) else None
 
 
-def require_prepared(cfg: DictConfig) -> Path:
-    """The data-bin folder, or a :class:`MissingCorpusError` naming the preparing command."""
-    if is_prepared(cfg):
-        return Path(cfg.dir)
+def is_prepared(cfg: DictConfig, full: bool = False) -> bool:
+    """True when ``cfg.dir`` holds a finished build of exactly these settings whose files
+    pass :func:`damage` (the cheap check; ``full``: every checksum too)."""
+    record = _record(cfg)
+    return record is not None and damage(Path(cfg.dir), record, full) is None
+
+
+def rebuild_command(cfg: DictConfig) -> str:
+    return f"{cfg.prepare_command} root={cfg.root}"
+
+
+def require_prepared(cfg: DictConfig, full: bool = False) -> Path:
+    """The data-bin folder, or a :class:`MissingCorpusError` naming the preparing command
+    (:class:`DamagedDataError` naming the file, when a finished build no longer matches)."""
+    record = _record(cfg)
+    if record is not None:
+        problem = damage(Path(cfg.dir), record, full)
+        if problem is None:
+            return Path(cfg.dir)
+        raise DamagedDataError(
+            f"prepared data for '{cfg.name}' is damaged: {problem}; rebuild it with: "
+            f"{rebuild_command(cfg)}"
+        )
     raise MissingCorpusError(
         f"prepared data for '{cfg.name}' not found in {cfg.dir} (or built from other settings); "
-        f"prepare it with: {cfg.prepare_command} root={cfg.root} (from the Hugging Face hub "
+        f"prepare it with: {rebuild_command(cfg)} (from the Hugging Face hub "
         "when online, or add corpus.local_path=/path/to/a/local/copy)"
     )
+
+
+# --- what a finished build holds, and checking it -------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_record(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} of every file under ``folder`` but the record."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != PREPARED_FILE)
+    return {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in files
+    }
+
+
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"  # fairseq's mmap index: magic, version, dtype, count
+_INDEX_HEADER = struct.Struct("<9sQBQ")
+_ITEM_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 8, 8: 2, 9: 4, 10: 8}  # dtype code
+
+
+def index_problem(idx: Path) -> str | None:
+    """Why a fairseq ``.idx`` / ``.bin`` pair is inconsistent (None: it is not): the index
+    must hold its header, one size and one pointer per sequence, and its last sequence must
+    end exactly where the ``.bin`` ends."""
+    data = idx.with_suffix(".bin")
+    if not data.exists():
+        return f"{data} is missing"
+    size = idx.stat().st_size
+    with idx.open("rb") as f:
+        header = f.read(_INDEX_HEADER.size)
+        if len(header) < _INDEX_HEADER.size:
+            return f"{idx} is cut short ({size} bytes, less than its header)"
+        magic, version, code, count = _INDEX_HEADER.unpack(header)
+        if magic != _INDEX_MAGIC or version != 1 or code not in _ITEM_BYTES:
+            return f"{idx} is not a fairseq mmap index"
+        expected = _INDEX_HEADER.size + 12 * count
+        if size != expected:
+            return f"{idx} has {size} bytes where its {count} sequences need {expected}"
+        if count == 0:
+            end = 0
+        else:
+            f.seek(_INDEX_HEADER.size + 4 * (count - 1))
+            (last_size,) = struct.unpack("<i", f.read(4))
+            f.seek(_INDEX_HEADER.size + 4 * count + 8 * (count - 1))
+            (last_pointer,) = struct.unpack("<q", f.read(8))
+            end = last_pointer + last_size * _ITEM_BYTES[code]
+    if data.stat().st_size != end:
+        return f"{data} has {data.stat().st_size} bytes where its index {idx.name} needs {end}"
+    return None
+
+
+def damage(folder: Path, record: Mapping[str, Any], full: bool = False) -> str | None:
+    """What is wrong with a finished build (None: nothing): a recorded file missing or of
+    another size, an index inconsistent with its data, and with ``full`` a checksum that
+    differs. A record from before files were recorded gets the index check only."""
+    files = record.get("files") or {}
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, {meta['bytes']} when prepared"
+    for idx in sorted(folder.glob("*.idx")):
+        problem = index_problem(idx)
+        if problem is not None:
+            return problem
+    if full:
+        for name, meta in files.items():
+            if sha256_of(folder / name) != meta["sha256"]:
+                return f"{folder / name} has other content than when prepared (SHA-256 differs)"
+    return None
 
 
 # --- reading corpora through Hugging Face datasets ------------------------------------------------
@@ -191,15 +299,9 @@ def read_lines(path: str | Path) -> list[str]:
 
 def fairseq_preprocess(args: list[str], log_path: Path) -> None:
     """Run ``fairseq-preprocess`` with these arguments in a child process (importing fairseq
-    here would put its Hydra schemas into this process' ConfigStore); output to ``log_path``."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", *args]
-    with log_path.open("w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    if code != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-20:])
-        raise RuntimeError(f"fairseq-preprocess failed (exit {code}):\n{tail}")
+    here would put its Hydra schemas into this process' ConfigStore) that dies with this
+    process, its ``--workers`` included; output to ``log_path``."""
+    run_stage("preprocess", args, log_path)
 
 
 def finish_build(cfg: DictConfig, build_dir: Path, stats: Mapping[str, Any]) -> Path:
@@ -210,8 +312,9 @@ def finish_build(cfg: DictConfig, build_dir: Path, stats: Mapping[str, Any]) -> 
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": OmegaConf.to_container(cfg, resolve=True),
         "stats": dict(stats),
+        "files": file_record(build_dir),
     }
-    (build_dir / PREPARED_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(build_dir / PREPARED_FILE, json.dumps(info, indent=2) + "\n")
     dest = Path(cfg.dir)
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old{os.getpid()}")
@@ -224,12 +327,71 @@ def finish_build(cfg: DictConfig, build_dir: Path, stats: Mapping[str, Any]) -> 
     return dest
 
 
+# The build folders of live preparations: their lock files stay locked while they live.
+_BUILD_LOCKS: dict[Path, int] = {}
+
+
+def _lock_path(build: Path) -> Path:
+    return build.with_name(build.name + ".lock")
+
+
+def remove_abandoned_builds(cfg: DictConfig) -> None:
+    """Remove the ``.<dir>.build<pid>`` (and ``.<dir>.old<pid>``) folders of preparations that
+    were killed: those whose lock file no process holds any more."""
+    dest = Path(cfg.dir)
+    if not dest.parent.is_dir():
+        return
+    for build in dest.parent.glob(f".{dest.name}.build*"):
+        if build.name.endswith(".lock") or build in _BUILD_LOCKS:
+            continue
+        lock = _lock_path(build)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a live preparation
+        old = dest.with_name(f".{dest.name}.old{build.name.rpartition('.build')[2]}")
+        log(f"removing {build}, left by a preparation that was stopped")
+        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def new_build_dir(cfg: DictConfig) -> Path:
+    """An empty build folder beside ``cfg.dir``, locked for as long as this process builds."""
+    remove_abandoned_builds(cfg)
     dest = Path(cfg.dir)
     build = dest.with_name(f".{dest.name}.build{os.getpid()}")
+    build.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(_lock_path(build), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _BUILD_LOCKS[build] = fd
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     return build
+
+
+def _release_build(build: Path) -> None:
+    """Remove a build folder's lock (after it became the data-bin, or failed)."""
+    fd = _BUILD_LOCKS.pop(build, None)
+    if fd is not None:
+        _lock_path(build).unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _building(cfg: DictConfig):
+    """A locked build folder; removed if the preparation fails in this process."""
+    build = new_build_dir(cfg)
+    try:
+        yield build
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    finally:
+        _release_build(build)
 
 
 def log(msg: str) -> None:
@@ -258,15 +420,9 @@ def _generate_if_needed(cfg: DictConfig) -> None:
     stamp.write_text(settings)
 
 
-def prepare_language_model(cfg: DictConfig) -> Path:
-    """WikiText-style corpus → ``fairseq-preprocess --only-source`` (fairseq's recipe: the
-    corpus is already word-tokenised; no BPE)."""
-    if is_prepared(cfg):
-        log(f"{cfg.name}: already prepared in {cfg.dir} (skipping)")
-        return Path(cfg.dir)
-    start = time.time()
-    _generate_if_needed(cfg)
-    build = new_build_dir(cfg)
+def build_language_model(cfg: DictConfig, build: Path) -> dict[str, int]:
+    """WikiText-style corpus → ``fairseq-preprocess --only-source`` in ``build`` (fairseq's
+    recipe: the corpus is already word-tokenised; no BPE); returns the line counts."""
     corpus = load_corpus(cfg.corpus, cache_dir=build / "hf_cache")
     text = build / "text"
     column = cfg.corpus.get("text_column", "text")
@@ -282,9 +438,7 @@ def prepare_language_model(cfg: DictConfig) -> Path:
     fairseq_preprocess(args, build / "preprocess.out")
     shutil.rmtree(text)
     shutil.rmtree(build / "hf_cache", ignore_errors=True)
-    dest = finish_build(cfg, build, stats)
-    log(f"{cfg.name}: prepared in {time.time() - start:.0f} s -> {dest}")
-    return dest
+    return stats
 
 
 def _split_every_nth(pairs: list, n: int) -> tuple[list, list]:
@@ -308,7 +462,7 @@ def recipe_tokenize(line: str, lang: str, recipe: Mapping, held_out: bool) -> st
     return tt.tokenize(line, lang, bool(recipe.get("aggressive_dash")))
 
 
-def prepare_translation(cfg: DictConfig) -> Path:
+def build_translation(cfg: DictConfig, build: Path) -> dict[str, int]:
     """A parallel corpus through fairseq's ``prepare-iwslt14.sh`` / ``prepare-wmt14en2de.sh``,
     step for step, then ``fairseq-preprocess``:
 
@@ -322,18 +476,14 @@ def prepare_translation(cfg: DictConfig) -> Path:
 
     The untokenised test references (lowercased when the recipe lowercases) are kept as
     ``test.raw.<tgt>`` for sacreBLEU; ``text/`` keeps the recipe's intermediate files
-    (``tok.*`` tokenised, ``*.{src,tgt}`` after BPE) when ``recipe.keep_text``.
+    (``tok.*`` tokenised, ``*.{src,tgt}`` after BPE) when ``recipe.keep_text``. Returns the
+    pair counts and the number of BPE merges.
     """
-    if is_prepared(cfg):
-        log(f"{cfg.name}: already prepared in {cfg.dir} (skipping)")
-        return Path(cfg.dir)
     start = time.time()
-    _generate_if_needed(cfg)
     src, tgt = str(cfg.source_lang), str(cfg.target_lang)
     recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
     workers = int(cfg.get("workers", 1))
     clean = recipe.get("clean") or {}
-    build = new_build_dir(cfg)
     text = build / "text"
     corpus = load_corpus(cfg.corpus, cache_dir=build / "hf_cache")
 
@@ -403,18 +553,43 @@ def prepare_translation(cfg: DictConfig) -> Path:
     if not recipe.get("keep_text", False):
         shutil.rmtree(text)
     shutil.rmtree(build / "hf_cache", ignore_errors=True)
-    dest = finish_build(cfg, build, stats)
+    return stats
+
+
+BUILDERS = {"language_model": build_language_model, "translation": build_translation}
+
+
+def prepare(cfg: DictConfig) -> Path:
+    """Prepare (or find already prepared and intact) the data of one ``configs/data`` entry:
+    the builder of its kind in a locked build folder, renamed into place with its record."""
+    if cfg.kind not in BUILDERS:
+        raise ValueError(f"unknown data kind {cfg.kind!r}")
+    remove_abandoned_builds(cfg)
+    if is_prepared(cfg):
+        log(f"{cfg.name}: already prepared in {cfg.dir} (skipping)")
+        return Path(cfg.dir)
+    if _record(cfg) is not None:
+        log(f"{cfg.name}: {damage(Path(cfg.dir), _record(cfg))}; rebuilding")
+    start = time.time()
+    _generate_if_needed(cfg)
+    with _building(cfg) as build:
+        stats = BUILDERS[cfg.kind](cfg, build)
+        dest = finish_build(cfg, build, stats)
     log(f"{cfg.name}: prepared in {time.time() - start:.0f} s -> {dest}")
     return dest
 
 
-def prepare(cfg: DictConfig) -> Path:
-    """Prepare (or find already prepared) the data of one ``configs/data`` entry."""
-    if cfg.kind == "language_model":
-        return prepare_language_model(cfg)
-    if cfg.kind == "translation":
-        return prepare_translation(cfg)
-    raise ValueError(f"unknown data kind {cfg.kind!r}")
+def verify(cfg: DictConfig) -> str:
+    """The full check (sizes, indexes and every checksum): a line saying the data is intact,
+    or :class:`DamagedDataError` / :class:`MissingCorpusError` naming what to do."""
+    folder = require_prepared(cfg, full=True)
+    files = (_record(cfg) or {}).get("files") or {}
+    if not files:
+        return (
+            f"{folder}: indexes consistent; its {PREPARED_FILE} predates file checksums "
+            f"(rebuild with {rebuild_command(cfg)} to record them)"
+        )
+    return f"{folder}: all {len(files)} files match {PREPARED_FILE} (sizes and SHA-256)"
 
 
 def main(default_config: str, smoke_config: str, argv: list[str] | None = None) -> None:
@@ -426,6 +601,11 @@ def main(default_config: str, smoke_config: str, argv: list[str] | None = None) 
     )
     parser.add_argument("--smoke", action="store_true", help=f"use {smoke_config}.yaml")
     parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the prepared files against PREPARED.json (sizes, indexes, SHA-256); build nothing",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         help="config overrides, e.g. root=/data corpus.local_path=/copy workers=8",
@@ -433,7 +613,6 @@ def main(default_config: str, smoke_config: str, argv: list[str] | None = None) 
     args = parser.parse_args(argv)
     cfg = load_data_config(smoke_config if args.smoke else default_config, args.overrides)
     try:
-        dest = prepare(cfg)
-    except MissingCorpusError as err:
+        print(verify(cfg) if args.verify else prepare(cfg))
+    except RunStop as err:
         raise SystemExit(f"error: {err}") from err
-    print(dest)

@@ -1,7 +1,9 @@
 """The test-split evaluation of a trained checkpoint and the numbers it gives: perplexity and
 ε-perplexity over every token (LM, our ``score_lm`` stage), beam search with sacreBLEU / chrF
 / fairseq's tokenised BLEU and the teacher-forced likelihood (MT, ``fairseq-generate`` and
-``fairseq-validate``), and the run's headline metric."""
+``fairseq-validate``), and the run's headline metric. Each evaluation keeps its per-example
+record in ``<run dir>/per_example/`` (``experiments.core.per_example``): the LM's per-token
+log-probabilities, the MT's detokenised hypotheses, references and sacreBLEU signature."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import sacrebleu
 from omegaconf import DictConfig
 
+from experiments.core.per_example import TOKEN_LOG_PROBS, record_dir, save_translations
 from experiments.core.setup import normalizer_options
 from experiments.pipelines.fairseq.commands import (
     data_dir,
@@ -59,6 +62,7 @@ def evaluate_lm(cfg: DictConfig, checkpoint: Path, run_dir: Path, progress) -> t
     """Test perplexity and ε-perplexity over every token (``score_lm``)."""
     args = eval_lm_args(cfg, checkpoint)
     args += ["--eps-perplexity-epsilon", str(cfg.evaluate.eps_perplexity_epsilon)]
+    args += ["--token-log-probs", str(record_dir(run_dir) / TOKEN_LOG_PROBS)]
     print(f"[lm] scoring the test split with {checkpoint.name} (every token counted)", flush=True)
     reports: dict[str, Any] = {}
 
@@ -85,7 +89,7 @@ def evaluate_translation(
     run_stage("generate", args, run_dir / "generate.log", lines.append)
     hyps, refs, tok_bleu = read_generation(out_file)
     raw = (data_dir(cfg) / f"test.raw.{cfg.data.target_lang}").read_text(encoding="utf-8")
-    scores = translation_scores(hyps, raw.splitlines(), str(cfg.data.target_lang))
+    scores = translation_scores(hyps, raw.splitlines(), str(cfg.data.target_lang), run_dir)
     if tok_bleu is not None:
         scores["tokenized_bleu"] = tok_bleu
     if cfg.data.get("compound_split_bleu"):  # fairseq's scripts/compound_split_bleu.sh
@@ -166,14 +170,18 @@ def read_generation(path: Path) -> tuple[dict[int, str], dict[int, str], float |
 
 
 def translation_scores(
-    hyps: Mapping[int, str], raw_refs: list[str], target_lang: str
+    hyps: Mapping[int, str], raw_refs: list[str], target_lang: str, run_dir: Path | None = None
 ) -> dict[str, float]:
     """sacreBLEU (13a, the standard) and chrF of the Moses-detokenised hypotheses (sacremoses,
     as fairseq's ``--eval-bleu-detok moses``) against the untokenised references, in the
-    test set's order."""
+    test set's order; with ``run_dir``, the scored text and sacreBLEU's signature are kept
+    there (:func:`experiments.core.per_example.save_translations`)."""
     if len(hyps) != len(raw_refs):
         raise RuntimeError(f"{len(hyps)} hypotheses for {len(raw_refs)} references")
     detok = [detokenize(hyps[i], target_lang) for i in range(len(raw_refs))]
-    bleu = sacrebleu.corpus_bleu(detok, [raw_refs])
+    metric = sacrebleu.BLEU()  # corpus_bleu's defaults, with the signature at hand
+    bleu = metric.corpus_score(detok, [raw_refs])
+    if run_dir is not None:
+        save_translations(run_dir, detok, raw_refs, str(metric.get_signature()))
     chrf = sacrebleu.corpus_chrf(detok, [raw_refs])
     return {"sacrebleu": float(bleu.score), "chrf": float(chrf.score)}

@@ -28,10 +28,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from experiments.core.console import fidelity_line
-from experiments.core.errors import STOP_EXIT_CODE, RunStop
+from experiments.core.errors import INTERRUPTED_EXIT_CODE, STOP_EXIT_CODE, RunStop
 from experiments.core.results import RunResult
 from experiments.core.rundir import ResumePoint, RunDir, hydra_run_dir, resume_hint, stops_cleanly
 from experiments.core.setup import normalizer_options
+from experiments.core.signals import (
+    exit_after_save,
+    stop_at_step_ends,
+    stop_requested,
+    stopped_line,
+)
 from experiments.core.tracking import finish_wandb, init_wandb
 from experiments.pipelines.fairseq import corpora
 from experiments.pipelines.fairseq.commands import (
@@ -74,13 +80,16 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
     total = int(cfg.train.get("max_update") or 0)
     save_dir = run_dir / CHECKPOINT_DIR
     check_launch(cfg)
-    with RunDir.open(
-        run_dir,
-        total_steps=total,
-        resume=lambda _: resume_point(save_dir),
-        is_main=is_main,
-        prefix=f"[{prefix}] ",
-    ) as rundir:
+    with (
+        RunDir.open(
+            run_dir,
+            total_steps=total,
+            resume=lambda _: resume_point(save_dir),
+            is_main=is_main,
+            prefix=f"[{prefix}] ",
+        ) as rundir,
+        stop_at_step_ends(),  # SIGTERM / SIGUSR2: the trainer saves at its update, then exit
+    ):
         if rundir.finished is not None:
             return rundir.finished
         if is_main:
@@ -96,7 +105,16 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
             train(cfg, rundir, progress, distributed=_torchrun_world() > 1)
         if not is_main:
             return None
-        result = evaluated_result(cfg, evaluate, rundir, progress)
+        try:
+            if stop_requested() is None:
+                result = evaluated_result(cfg, evaluate, rundir, progress)
+        except StageFailed:
+            if stop_requested() is None:
+                raise
+        if stop_requested() is not None:  # training is done; the evaluation reruns
+            done = f"training is done, the test-split evaluation is left ({_last_good(save_dir)})"
+            line = stopped_line(progress.num_updates, done, rundir.resume_hint())
+            exit_after_save(f"[{prefix}] {line}")
         path = rundir.write_results(result, cfg)
     if wandb_run is not None:
         wandb_run.summary.update({result.metric_name: result.metric_value, **result.metrics})
@@ -183,6 +201,11 @@ def train(cfg: DictConfig, rundir: RunDir, progress: TrainProgress, distributed:
     try:
         run_stage("train", args, log, on_line, distributed, keep_fds=rundir.lock_fds)
     except StageFailed as err:
+        if err.code == INTERRUPTED_EXIT_CODE and "stopped" in dict(reports):
+            saved = _last_good(save_dir)
+            hint = resume_hint(progress.run_dir)
+            line = stopped_line(progress.num_updates, saved, hint)
+            exit_after_save(f"[{progress.prefix}] {line}")
         stop = training_stop(err, dict(reports), progress, save_dir)
         if stop is None:
             raise
@@ -199,6 +222,14 @@ def _last_good(save_dir: Path) -> str:
 
 _KILLED_WORKER = ("terminated with signal", "ProcessExitedException", "Connection closed by peer",
                   "Connection reset by peer", "SIGKILL")  # fmt: skip
+
+
+# What a failed write looks like in fairseq's traceback, and what it means.
+_DISK_FULL = {
+    "No space left on device": "no space left on the device",
+    "File too large": "the file-size limit was reached (ulimit -f)",
+    "Disk quota exceeded": "the disk quota is used up",
+}
 
 
 def training_stop(
@@ -219,6 +250,16 @@ def training_stop(
             STOP_EXIT_CODE,
         )
     tail = "\n".join(err.tail)
+    full = next((why for mark, why in _DISK_FULL.items() if mark in tail), None)
+    if full is not None:
+        for partial in save_dir.glob("*.pt.tmp"):  # fairseq's half-written checkpoint
+            partial.unlink(missing_ok=True)
+        return RunStop(
+            f"training stopped after {where}: cannot write a checkpoint in {save_dir}: {full}; "
+            f"{_last_good(save_dir)}. Free space (or raise the limit), then "
+            f"{resume_hint(progress.run_dir)} (details: {err.log_path})",
+            1,
+        )
     if err.code < 0 or any(mark in tail for mark in _KILLED_WORKER):
         how = f"killed by {signal.Signals(-err.code).name}" if err.code < 0 else "a worker died"
         return RunStop(

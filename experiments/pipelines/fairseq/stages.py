@@ -19,6 +19,7 @@ from pathlib import Path
 
 from experiments.core.console import verbose
 from experiments.core.io import REPO_ROOT
+from experiments.core.signals import passing_stops_to
 from experiments.pipelines.fairseq.worker import PARENT_PID_ENV, STAGES
 
 # Variables of torchrun / SLURM that must not reach single-process evaluation children.
@@ -88,14 +89,15 @@ def run_stage(
         assert proc.stdout is not None
         echo = verbose()  # verbose=true: fairseq's own output too, not only the log
         try:
-            for line in proc.stdout:
-                log.write(line)
-                if echo:
-                    print(line, end="", flush=True)
-                tail = (tail + [line.rstrip()])[-40:]
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
-            code = proc.wait()
+            with passing_stops_to(proc.pid):  # SIGTERM / SIGUSR2 reach the stage too
+                for line in proc.stdout:
+                    log.write(line)
+                    if echo:
+                        print(line, end="", flush=True)
+                    tail = (tail + [line.rstrip()])[-40:]
+                    if on_line is not None:
+                        on_line(line.rstrip("\n"))
+                code = proc.wait()
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

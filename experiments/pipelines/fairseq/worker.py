@@ -27,11 +27,11 @@ import threading
 import time
 
 from experiments.core.console import dry_run_report
-from experiments.core.errors import STOP_EXIT_CODE
+from experiments.core.errors import INTERRUPTED_EXIT_CODE, STOP_EXIT_CODE
 
 REPORT_MARK = "@multimax@ "  # the child's report lines, told apart from fairseq's own output
 PARENT_PID_ENV = "MULTIMAX_PARENT_PID"
-STAGES = ("train", "score_lm", "validate", "generate", "dry_run", "check_args")
+STAGES = ("train", "score_lm", "validate", "generate", "dry_run", "check_args", "preprocess")
 
 
 def report(kind: str, payload) -> None:
@@ -65,12 +65,13 @@ def die_with_parent() -> None:
     if not parent:
         return
     if os.getpgrp() == os.getpid():  # our own group: killing it cannot reach the parent
-        signal.signal(signal.SIGTERM, _kill_own_group)
+        signal.signal(signal.SIGTERM, _kill_own_group)  # the training stage saves instead
+        signal.signal(signal.SIGHUP, _kill_own_group)
     if sys.platform.startswith("linux"):
         import ctypes
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        pr_set_pdeathsig = 1  # SIGHUP: SIGTERM is the scheduler's "save and stop"
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGHUP)
     else:  # no parent-death signal: poll for the parent instead
 
         def watch() -> None:
@@ -97,6 +98,36 @@ def _updates_done() -> int | None:
         return None
 
 
+# --- SIGTERM / SIGUSR2: a checkpoint at the current update, then exit ------------------------------
+
+
+def train_until_stop_signal(argv: list[str]) -> None:
+    """``fairseq-train ARGV`` (fairseq's own parser and ``main``, as its ``cli_main`` runs
+    them) in which SIGTERM / SIGUSR2 end training at the current update through fairseq's own
+    stop: ``--stop-time-hours`` set to an instant, on which fairseq validates, saves
+    ``checkpoint_last.pt`` with its data position and returns. Then a ``stopped`` report and
+    exit code :data:`~experiments.core.errors.INTERRUPTED_EXIT_CODE`. (Within one process or
+    torchrun's ranks; GPU workers fairseq spawns itself keep their copy of the setting.)"""
+    from fairseq import distributed_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli.train import main as fairseq_train_main
+
+    parser = options.get_training_parser()
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, input_args=argv))
+    received: list[int] = []
+
+    def stop_at_this_update(signum: int, _frame) -> None:
+        received.append(signum)
+        cfg.optimization.stop_time_hours = 1e-12
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, stop_at_this_update)
+    distributed_utils.call_main(cfg, fairseq_train_main)
+    if received:
+        report("stopped", {"signal": signal.Signals(received[0]).name, "updates": _updates_done()})
+        sys.exit(INTERRUPTED_EXIT_CODE)
+
+
 def _is_non_finite(err: BaseException) -> bool:
     text = f"{type(err).__name__}: {err}"
     return "FloatingPointError" in text or "Minimum loss scale reached" in text
@@ -118,7 +149,8 @@ def score_lm(argv: list[str]) -> None:
     reporting log-likelihood over *every* target token: ``loss_base2`` / ``perplexity``
     (infinite when some token got probability 0 — fairseq-eval-lm would silently skip it),
     the ε-perplexity (``--eps-perplexity-epsilon E``, our one option beside fairseq's) and
-    the share of tokens with probability 0."""
+    the share of tokens with probability 0. ``--token-log-probs PATH`` keeps every scored
+    token's log-probability there (``experiments.core.per_example``)."""
     import torch
     from fairseq import checkpoint_utils, options, tasks, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -127,6 +159,10 @@ def score_lm(argv: list[str]) -> None:
     from multimax.metrics import EPSILON_PERPLEXITY_DEFAULT, epsilon_log_likelihood
 
     epsilon, argv = _pop_option(argv, "--eps-perplexity-epsilon", EPSILON_PERPLEXITY_DEFAULT)
+    record_path = None
+    if "--token-log-probs" in argv:
+        i = argv.index("--token-log-probs")
+        record_path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
     parser = options.get_eval_lm_parser()
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, input_args=argv))
     utils.import_user_module(cfg.common)
@@ -160,6 +196,7 @@ def score_lm(argv: list[str]) -> None:
     remove_bos = getattr(cfg.task, "add_bos_token", False)
     vocab = len(task.target_dictionary)
     tokens, zeros, log_sum, eps_sum = 0, 0, 0.0, 0.0
+    per_token = []
     start = time.perf_counter()
     for sample in itr:
         if "net_input" not in sample:
@@ -170,6 +207,7 @@ def score_lm(argv: list[str]) -> None:
             if remove_bos:
                 log_p = log_p[1:]
             tokens += log_p.numel()
+            per_token.append(log_p.float().cpu())
             zeros += int((log_p == float("-inf")).sum())
             log_sum += float(log_p.sum())
             eps_sum += float(epsilon_log_likelihood(log_p, epsilon, vocab).sum())
@@ -177,6 +215,10 @@ def score_lm(argv: list[str]) -> None:
     if tokens == 0:
         raise RuntimeError(f"no tokens to score in {cfg.dataset.gen_subset}")
     loss_base2 = -log_sum / tokens / math.log(2)
+    if record_path is not None:
+        from experiments.core.per_example import save_token_log_probs
+
+        save_token_log_probs(record_path, torch.cat(per_token).numpy(), epsilon, vocab)
     report(
         "score_lm",
         {
@@ -380,7 +422,10 @@ def main(argv: list[str]) -> None:
     cli = importlib.import_module(f"fairseq_cli.{stage}")
     sys.argv = [f"fairseq-{stage}", *args]
     try:
-        cli.cli_main()
+        if stage == "train":
+            train_until_stop_signal(args)
+        else:
+            cli.cli_main()
     except BaseException as err:
         if stage == "train" and _is_non_finite(err):
             done = _updates_done()

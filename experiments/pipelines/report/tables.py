@@ -37,6 +37,7 @@ from experiments.core.io import REPO_ROOT, atomic_write_text
 from experiments.core.results import RunResult
 from experiments.pipelines.report.render import fmt_value, to_latex, to_markdown
 from experiments.pipelines.report.runs import load_runs, run_label
+from experiments.pipelines.report.significance import LEVEL, Records, row_statistics
 from experiments.pipelines.report.wandb_runs import records_from_wandb
 
 PAPER_REFERENCE = REPO_ROOT / "results" / "paper_reference.json"
@@ -44,10 +45,11 @@ BASELINE = "softmax"
 # A row: one group of runs; its seeds are aggregated.
 GROUP = ["table", "profile", "model", "dataset", "normalizer", "output_normalizer",
          "metric_name"]  # fmt: skip
-COLUMNS = ("model", "dataset", "attention", "output", "metric", "mean ± std", "n", "seeds",
-           "Δ vs softmax", "paper", "paper Δ")  # fmt: skip
+COLUMNS = ("model", "dataset", "attention", "output", "metric", "mean ± std", "95% CI", "n",
+           "seeds", "Δ vs softmax", "p vs softmax", "paper", "paper Δ")  # fmt: skip
 CSV_COLUMNS = ["profile", "model", "dataset", "normalizer", "output_normalizer", "metric_name",
-               "mean", "std", "n", "seeds", "delta_vs_softmax", "paper_value",
+               "mean", "std", "ci_low", "ci_high", "n", "seeds", "delta_vs_softmax",
+               "p_vs_softmax", "significant", "significance_test", "paper_value",
                "paper_delta_vs_softmax"]  # fmt: skip
 
 
@@ -220,7 +222,7 @@ def aggregate(
     kept, notes = newest_per_seed(lines.frame)
     if kept.empty:
         columns = [*GROUP, "metric", "mean", "std", "n", "seeds", "baseline", "delta", "paper",
-                   "paper_delta"]  # fmt: skip
+                   "paper_delta", "ci_low", "ci_high", "p_value", "test"]  # fmt: skip
         return pd.DataFrame(columns=columns), notes
     rows = (
         kept.groupby(GROUP, sort=False)
@@ -256,7 +258,37 @@ def aggregate(
     order = ["table", "profile", "model", "dataset", "metric_name", "not_baseline", "normalizer",
              "output_normalizer"]  # fmt: skip
     rows = rows.assign(not_baseline=~rows["baseline"]).sort_values(order, kind="stable")
-    return rows.drop(columns=["not_baseline", "base_mean"]).reset_index(drop=True), notes
+    rows = rows.drop(columns=["not_baseline", "base_mean"]).reset_index(drop=True)
+    return with_significance(rows, kept, notes), notes
+
+
+def with_significance(rows: pd.DataFrame, kept: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    """The rows with ``ci_low``/``ci_high`` (95 % interval) and, against the softmax row of the
+    same model, ``p_value`` and ``test``, from the runs' per-example records
+    (``significance``); None where the runs kept none. Problems are added to ``notes``."""
+    records = Records()
+    runs = {
+        key: {
+            int(line.seed): records.scored(line.path, line.metric, float(line.value))
+            for line in group.itertuples()
+        }
+        for key, group in kept.groupby(GROUP, sort=False)
+    }
+    same_model = ["table", "profile", "model", "dataset", "metric_name"]
+    baselines = {
+        tuple(r[k] for k in same_model): runs[tuple(r[k] for k in GROUP)]
+        for _, r in rows[rows["baseline"]].drop_duplicates(same_model).iterrows()
+    }
+    stats, problems = [], []
+    for _, r in rows.iterrows():
+        baseline = None if r["baseline"] else baselines.get(tuple(r[k] for k in same_model))
+        where = f"{r['table']} {r['model']} {r['normalizer']}/{r['output_normalizer']}"
+        stats.append(
+            row_statistics(runs[tuple(r[k] for k in GROUP)], baseline, r["metric"], problems, where)
+        )
+    notes += list(dict.fromkeys(records.problems + problems))
+    columns = ["ci_low", "ci_high", "p_value", "test"]
+    return rows.assign(**{c: [s[c] for s in stats] for c in columns})
 
 
 # --- rows -> files ----------------------------------------------------------------------------
@@ -268,15 +300,43 @@ def display(rows: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
     for _, r in rows.iterrows():
         std = "" if pd.isna(r["std"]) else f" ± {fmt_value(r['std'], scale=r['mean'])}"
         line = [r["model"], r["dataset"], r["normalizer"], r["output_normalizer"],
-                r["metric_name"], f"{fmt_value(r['mean'])}{std}", str(r["n"]),
+                r["metric_name"], f"{fmt_value(r['mean'])}{std}", ci_cell(r), str(r["n"]),
                 ",".join(map(str, r["seeds"])),
-                "—" if r["baseline"] else fmt_value(r["delta"], signed=True, scale=r["mean"])]  # fmt: skip
+                "—" if r["baseline"] else fmt_value(r["delta"], signed=True, scale=r["mean"]),
+                "—" if r["baseline"] else p_cell(r["p_value"])]  # fmt: skip
         if with_paper:
             paper_delta = fmt_value(r["paper_delta"], signed=True, scale=r["paper"])
             line += [fmt_value(r["paper"]), "—" if r["baseline"] else paper_delta]
         cells.append(line)
     columns = COLUMNS if with_paper else COLUMNS[:-2]
     return pd.DataFrame(cells, columns=list(columns), dtype=object)
+
+
+def ci_cell(row: pd.Series) -> str:
+    if row["ci_low"] is None or pd.isna(row["ci_low"]):
+        return "n/a"
+    low, high = (fmt_value(row[k], scale=row["mean"]) for k in ("ci_low", "ci_high"))
+    return f"[{low}, {high}]"
+
+
+def p_cell(p: float | None) -> str:
+    """The p value, with ``*`` when it is below the level (significant)."""
+    if p is None or pd.isna(p):
+        return "n/a"
+    return f"{p:.3f} *" if p < LEVEL else f"{p:.3f}"
+
+
+def significance_note() -> str:
+    """How the interval and the test were made: the tables' footnote."""
+    return (
+        "95% CI: two-stage bootstrap of the row's mean (seeds and test examples resampled "
+        "with replacement, 1000 resamples, percentile interval; with one seed, the bootstrap "
+        "over test examples alone). p vs softmax: paired test against the softmax row on the "
+        "same test examples, per seed both rows ran, the largest p shown (BLEU: sacreBLEU's "
+        "paired bootstrap, --paired-bs; perplexity and top-1: a paired bootstrap over test "
+        f"examples); * marks p < {LEVEL:g}. n/a: the runs kept no per-example record. "
+        "See docs/significance.md."
+    )
 
 
 def table_title(spec: registry.Table, profile: str, rows: pd.DataFrame) -> str:
@@ -314,6 +374,8 @@ def markdown_table(spec: registry.Table, profile: str, rows: pd.DataFrame) -> st
         "row of the same model. Generated by scripts/make_tables.py from results.json files: "
         "do not edit.",
         "",
+        significance_note(),
+        "",
         to_markdown(display(rows, with_paper=profile == "paper")),
     ]
     return "\n".join(lines) + "\n"
@@ -324,6 +386,9 @@ def csv_table(profile: str, rows: pd.DataFrame) -> str:
         profile=profile,
         seeds=[" ".join(map(str, s)) for s in rows["seeds"]],
         delta_vs_softmax=rows["delta"],
+        p_vs_softmax=rows["p_value"],
+        significant=[None if p is None or pd.isna(p) else bool(p < LEVEL) for p in rows["p_value"]],
+        significance_test=rows["test"],
         paper_value=rows["paper"],
         paper_delta_vs_softmax=rows["paper_delta"],
     )
@@ -334,6 +399,7 @@ def latex_table(spec: registry.Table, profile: str, rows: pd.DataFrame) -> str:
     header = [
         "% Generated by scripts/make_tables.py from results.json files: do not edit.",
         f"% {banner(profile)}",
+        f"% {significance_note()}",
     ]
     body = to_latex(
         display(rows, with_paper=profile == "paper"), table_title(spec, profile, rows), 5

@@ -357,6 +357,12 @@ def build_data(
     )
     mixup = None
     if float(a.mixup) > 0 or float(a.cutmix) > 0:
+        if batch % 2:  # timm's Mixup pairs each image with the batch read backwards
+            raise ConfigError(
+                f"trainer.batch_size={cfg.trainer.batch_size}: {batch} images per process, but "
+                "Mixup / CutMix need an even batch on every process; pick a batch that splits "
+                "into even shares, or augment.mixup=0 augment.cutmix=0"
+            )
         mixup = Mixup(
             mixup_alpha=float(a.mixup),
             cutmix_alpha=float(a.cutmix),

@@ -32,8 +32,18 @@ def build_model(cfg: DictConfig) -> GapVisionTransformer:
     attn, attn_options = normalizer_options(cfg, "attention")
     out, out_options = normalizer_options(cfg, "output")
     fidelity = cfg.get("fidelity") or {}  # configs/fidelity/: the paper's text or the authors' code
+    d = cfg.data
+    data_settings = {  # in model.pretrained_cfg, so checkpoints and exports carry them
+        "num_classes": int(d.num_classes),
+        "input_size": (int(d.in_chans), int(d.img_size), int(d.img_size)),
+        "mean": tuple(d.mean),
+        "std": tuple(d.std),
+        "crop_pct": float(d.crop_pct),
+        "interpolation": str(d.interpolation),
+    }
     return timm.create_model(
         cfg.model.name,
+        pretrained_cfg_overlay=data_settings,
         qkv_bias=bool(fidelity.get("qkv_bias", True)),
         sigma_init=OmegaConf.to_container(fidelity.sigma_init) if fidelity else None,
         num_classes=int(cfg.data.num_classes),

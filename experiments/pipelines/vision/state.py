@@ -3,7 +3,12 @@ scheduler, scaler, the sampler position (epoch, batches done) and every process'
 states, so a rerun in the same run dir continues where the last one stopped (exactly at
 epoch ends and with ``data.num_workers=0``; mid-epoch with loader workers the data order
 continues exactly, the workers' augmentation draws do not). The run directory side (which
-checkpoint reads, the lock, the clock) is :class:`experiments.core.rundir.RunDir`."""
+checkpoint reads, the lock, the clock) is :class:`experiments.core.rundir.RunDir`.
+
+A checkpoint also records what rebuilds its model (architecture, model arguments, data
+settings) and keeps the EMA weights where timm's loaders look for them, so timm and
+:func:`multimax.integrations.timm_checkpoints.create_model_from_checkpoint` load it as it is
+(docs/sharing_models.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +24,12 @@ from experiments.core.rundir import save_checkpoint
 from experiments.core.setup import DistributedContext, seed_everything
 from experiments.core.tracking import WANDB_ID_FILE
 from experiments.pipelines.vision.parts import Parts
+from multimax.integrations.timm_checkpoints import (
+    EMA_KEY,
+    LEGACY_EMA_KEY,
+    WEIGHTS_KEY,
+    model_card,
+)
 
 
 def rng_state() -> dict:
@@ -73,8 +84,9 @@ def save_state(
         return
     id_file = run_dir / WANDB_ID_FILE
     state = {
-        "model": parts.model.state_dict(),
-        "ema": parts.ema.state_dict() if parts.ema is not None else None,
+        **model_card(parts.model),  # architecture, model arguments, data settings: timm rebuilds it
+        WEIGHTS_KEY: parts.model.state_dict(),
+        EMA_KEY: parts.ema.state_dict() if parts.ema is not None else None,
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
         "scaler": parts.scaler.state_dict(),
@@ -91,9 +103,10 @@ def save_state(
 
 def restore(parts: Parts, state: dict) -> None:
     """Load a checkpoint's model, EMA, optimiser, scheduler and scaler into ``parts``."""
-    parts.model.load_state_dict(state["model"])
-    if parts.ema is not None and state.get("ema") is not None:
-        parts.ema.load_state_dict(state["ema"])
+    parts.model.load_state_dict(state[WEIGHTS_KEY])
+    ema = state.get(EMA_KEY, state.get(LEGACY_EMA_KEY))
+    if parts.ema is not None and ema is not None:
+        parts.ema.load_state_dict(ema)
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -18,10 +19,18 @@ from torch import Tensor, nn
 
 import multimax
 from experiments.core.console import dry_run_report, fidelity_line
+from experiments.core.errors import INTERRUPTED_EXIT_CODE
 from experiments.core.io import atomic_write_text
+from experiments.core.per_example import save_image_correctness
 from experiments.core.results import RESULTS_FILE, RunResult
 from experiments.core.rundir import RunDir, latest_checkpoint
 from experiments.core.setup import init_distributed, normalizer_options, seed_everything
+from experiments.core.signals import (
+    exit_after_save,
+    stop_at_step_ends,
+    stop_requested,
+    stopped_line,
+)
 from experiments.core.tracking import finish_wandb, init_wandb, log_metrics
 from experiments.pipelines.vision.data import (
     DataLayoutError,
@@ -55,13 +64,18 @@ class NonFiniteLoss(RuntimeError):
 
 
 @torch.no_grad()
-def evaluate(model: GapVisionTransformer, parts: Parts, ctx) -> dict[str, float]:
-    """Top-1 / top-5 (%) and the loss on the validation set, summed over processes.
+def evaluate(
+    model: GapVisionTransformer, parts: Parts, ctx, record_to: Path | None = None
+) -> dict[str, float]:
+    """Top-1 / top-5 (%) and the loss on the validation set, summed over processes; with
+    ``record_to`` (a run directory) each image's top-1 correctness is kept there, in the
+    validation set's order (``experiments.core.per_example``).
 
     Predictions rank classes by the output normaliser's transformed scores, which order the
     classes exactly as the predictive distribution does (without its ties at zero)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=parts.device)  # top1, top5, loss, count
+    correct: list[Tensor] = []
     nll = multimax.build_loss(model.output_normalizer, reduction="sum")
     for images, targets in parts.data.val_loader:
         images = images.to(parts.device, non_blocking=True)
@@ -71,6 +85,7 @@ def evaluate(model: GapVisionTransformer, parts: Parts, ctx) -> dict[str, float]
         scores = model.ranking_scores(logits)
         top = scores.topk(min(5, scores.shape[-1]), dim=-1).indices
         hits = top == targets[:, None]
+        correct.append(hits[:, 0].cpu())
         totals += torch.stack(
             [
                 hits[:, 0].sum().double(),
@@ -82,8 +97,24 @@ def evaluate(model: GapVisionTransformer, parts: Parts, ctx) -> dict[str, float]
     if ctx.is_distributed:
         dist.all_reduce(totals)
     top1, top5, loss, count = totals.tolist()
+    if record_to is not None:
+        _save_correctness(record_to, torch.cat(correct), parts, ctx)
     model.train()
     return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "val_loss": loss / count}
+
+
+def _save_correctness(run_dir: Path, correct: Tensor, parts: Parts, ctx) -> None:
+    """Every process's correctness in the validation set's order (the main process writes)."""
+    indices = list(parts.data.val_loader.sampler)
+    shards = [(indices, correct.numpy())]
+    if ctx.is_distributed:
+        shards = [None] * ctx.world_size
+        dist.all_gather_object(shards, (indices, correct.numpy()))
+    if ctx.is_main:
+        ordered = np.zeros(sum(len(i) for i, _ in shards), dtype=bool)
+        for shard_indices, shard_correct in shards:
+            ordered[shard_indices] = shard_correct
+        save_image_correctness(run_dir, ordered)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -95,6 +126,16 @@ def _mean_over_processes(value: Tensor, ctx) -> float:
         dist.all_reduce(value)
         value /= ctx.world_size
     return float(value)
+
+
+def _stop_signalled(ctx) -> bool:
+    """Whether a stop signal came (to any process: all stop at the same step)."""
+    signalled = stop_requested() is not None
+    if not ctx.is_distributed:
+        return signalled
+    flag = torch.tensor([float(signalled)], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _duration(seconds: float) -> str:
@@ -147,9 +188,10 @@ def train(cfg: DictConfig, run_dir: Path) -> RunResult | None:
         run_dir = Path(shared[0])
     parts = build_parts(cfg, ctx)  # checks the data first: a refused run writes nothing
     total = int(cfg.trainer.epochs) * parts.data.steps_per_epoch
-    with RunDir.open(
-        run_dir, total_steps=total, resume=latest_checkpoint, is_main=ctx.is_main
-    ) as run:
+    with (
+        RunDir.open(run_dir, total_steps=total, resume=latest_checkpoint, is_main=ctx.is_main) as run,
+        stop_at_step_ends(),  # SIGTERM / SIGUSR2: a checkpoint at the current step, then exit
+    ):
         if run.finished is not None:
             return run.finished
         if ctx.is_main:
@@ -230,7 +272,7 @@ def _train(cfg: DictConfig, run: RunDir, ctx, parts: Parts) -> RunResult | None:
                 epoch_end = batches_done == data.steps_per_epoch
                 if epoch_end:
                     if (epoch + 1) % int(cfg.trainer.eval_every_epochs) == 0 or epoch + 1 == epochs:
-                        metrics = evaluate(parts.model, parts, ctx)
+                        metrics = evaluate(parts.model, parts, ctx, record_to=run_dir)
                         if parts.ema is not None:
                             ema = evaluate(parts.ema.module, parts, ctx)
                             metrics.update({f"ema_{k}": v for k, v in ema.items()})
@@ -243,9 +285,16 @@ def _train(cfg: DictConfig, run: RunDir, ctx, parts: Parts) -> RunResult | None:
                             )
                             log_metrics(run_dir, step, {**metrics, "epoch": epoch + 1}, wandb_run)
                     epoch, batches_done = epoch + 1, 0
-                if epoch_end or step % every_ckpt == 0 or step == stop_at:
+                signalled = _stop_signalled(ctx)
+                if epoch_end or step % every_ckpt == 0 or step == stop_at or signalled:
                     save_state(parts, ctx, run_dir, epoch, batches_done, step, best, metrics)
                     run.tick()
+                if signalled:
+                    finish_wandb(wandb_run)
+                    if not ctx.is_main:
+                        raise SystemExit(INTERRUPTED_EXIT_CODE)
+                    saved = f"checkpoint saved in {run_dir} (epoch {epoch}, batch {batches_done})"
+                    exit_after_save(stopped_line(step, saved, run.resume_hint()))
                 if epoch_end:  # images/s counts training only, not evaluation or saving
                     window_time = time.perf_counter()
                 if step == stop_at:

@@ -14,6 +14,11 @@ from experiments.core.rundir import load_checkpoint
 from experiments.pipelines.vision.data import build_datasets
 from experiments.pipelines.vision.parts import RESOLVED_CONFIG, build_model
 from multimax.integrations.timm import GapVisionTransformer
+from multimax.integrations.timm_checkpoints import (
+    ARCHITECTURE_KEY,
+    create_model_from_checkpoint,
+    model_card,
+)
 
 
 def load_trained_model(
@@ -21,7 +26,9 @@ def load_trained_model(
 ) -> tuple[GapVisionTransformer, DictConfig]:
     """The model of a finished (or stopped) run, in eval mode, and the run's resolved config.
 
-    Reads ``resolved_config.yaml`` and the newest readable checkpoint of ``run_dir``;
+    Reads ``resolved_config.yaml`` and the newest readable checkpoint of ``run_dir`` and
+    rebuilds the model with the package's loader
+    (:func:`multimax.integrations.timm_checkpoints.create_model_from_checkpoint`);
     ``use_ema`` takes the EMA weights when the run kept them.
     """
     run_dir = Path(run_dir)
@@ -29,14 +36,12 @@ def load_trained_model(
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: is {run_dir} a vision run directory?")
     cfg = OmegaConf.load(config_file)
-    state = load_checkpoint(run_dir, map_location=map_location)
+    state = load_checkpoint(run_dir, map_location="cpu")
     if state is None:
         raise FileNotFoundError(f"no readable checkpoint in {run_dir}")
-    model = build_model(cfg)
-    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    if use_ema and state.get("ema") is not None:
-        weights = {k.removeprefix("module."): v for k, v in weights.items()}
-    model.load_state_dict(weights)
+    if ARCHITECTURE_KEY not in state:  # written before checkpoints recorded their model
+        state = {**state, **model_card(build_model(cfg))}
+    model = create_model_from_checkpoint(state, use_ema=use_ema)
     return model.to(map_location).eval(), cfg
 
 
