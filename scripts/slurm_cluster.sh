@@ -96,6 +96,7 @@ AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=5
 JobRequeue=1
@@ -142,11 +143,17 @@ start() {
 
 stop() {
   need_root
-  for daemon in slurmd slurmctld slurmdbd; do
-    pkill -x "$daemon" 2>/dev/null || true
+  local pidfile
+  for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid" "$STATE/slurmdbd.pid" \
+    /run/munge/munged.pid; do
+    [ -s "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
   done
   mysqladmin -u root shutdown >/dev/null 2>&1 || true
-  pkill -x munged 2>/dev/null || true
+  for _ in $(seq 40); do
+    pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || pgrep -x slurmdbd >/dev/null ||
+      break
+    sleep 0.5
+  done
   log "stopped"
 }
 
@@ -156,8 +163,11 @@ case "${1:-}" in
   status)
     if ready; then log "running"; else log "not running"; exit 1; fi
     ;;
+  -h | --help)
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    ;;
   *)
-    echo "usage: $0 start|stop|status" >&2
+    echo "usage: $0 start|stop|status (--help: what it starts)" >&2
     exit 2
     ;;
 esac

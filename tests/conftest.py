@@ -9,6 +9,8 @@ the singletons as it found them.
 """
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -46,3 +48,26 @@ def damaged_digits(tmp_path):
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     junk.write_bytes(b"not an image")
     return root, cut, junk
+
+
+def slurm_unreachable() -> str | None:
+    """Why no SLURM job can run from here (None: a cluster answers, with accounting)."""
+    if shutil.which("sbatch") is None:
+        return "no SLURM client here (start a one-node cluster: sudo scripts/slurm_cluster.sh start)"
+    for probe in (["sinfo", "-h", "-o", "%T"], ["sacct", "-n", "-X", "-S", "now-1minutes"]):
+        try:
+            done = subprocess.run(probe, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"{probe[0]} does not answer ({err}); scripts/slurm_cluster.sh start"
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"{probe[0]} fails ({why}); scripts/slurm_cluster.sh start"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slurm`` skip, with the reason, where no cluster is reachable."""
+    marked = [item for item in items if item.get_closest_marker("slurm") is not None]
+    reason = slurm_unreachable() if marked else None
+    for item in marked if reason else []:
+        item.add_marker(pytest.mark.skip(reason=f"no SLURM cluster: {reason}"))

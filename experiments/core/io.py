@@ -66,6 +66,9 @@ def unwritable_reason(path: str | Path) -> str | None:
     """Why a file or folder at ``path`` cannot be created or written (None: it can): the
     nearest existing folder on its way lacks write permission, or is not a folder."""
     path = Path(path).absolute()
+    for folder in reversed(path.parents):
+        if folder.is_dir() and not os.access(folder, os.X_OK):
+            return f"no permission to enter {folder}"
     target = path
     while not target.exists():
         if target.parent == target:

@@ -28,6 +28,10 @@ same command with the same directory (:func:`resume_hint` prints it). End to end
 7. **Results.** :meth:`RunDir.write_results` writes ``results.json`` atomically, as the last
    file, with the clock's total: until it exists the run is unfinished and step 1 resumes it.
 
+8. **A stop signal** (SIGTERM, SIGUSR2: ``scancel``, a preemption, a SLURM time limit) saves a
+   checkpoint at the current step first and prints the resume command
+   (``experiments.core.signals``; docs/cluster.md).
+
 An app wraps its work in :func:`stops_cleanly`: a :class:`RunStop` becomes one ``ERROR:`` line
 and its exit code, and a run directory the invocation created but never wrote into is removed.
 """

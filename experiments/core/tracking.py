@@ -17,7 +17,9 @@ their minimum in the run summary, accuracies and BLEU their maximum, next to the
 
 A run's W&B id lives in the run directory: a resumed invocation continues the same run. Offline,
 every invocation writes its own ``wandb/offline-run-<time>-<id>/`` folder; ``wandb sync`` of
-the run directory's ``wandb/`` folder uploads them all, in order, as one run.
+all the folders of that id uploads them, oldest first, as one run (:func:`sync_command`). A
+run that starts over (nothing to resume: :class:`~experiments.core.rundir.RunDir` has cleared
+its ``metrics.jsonl``) gets a new id, as its earlier curve is superseded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -42,7 +45,7 @@ STEP = "step"
 SPLITS = ("train", "val", "test")
 PLAIN_METRICS = ("lr", "throughput", "epoch")
 # A metric's last name part -> the summary W&B keeps besides the last value.
-LOWER_IS_BETTER = re.compile(r"(loss|ppl|error|zero_prob)$")
+LOWER_IS_BETTER = re.compile(r"(loss|ppl|error|zero_prob|_over_var)$")
 HIGHER_IS_BETTER = re.compile(r"(top\d+|bleu|chrf|accuracy)$")
 # What each split's metrics are called in the pipelines' own records (fairseq's valid_loss).
 _SPLIT_ALIASES = {"train": "train", "val": "valid|val", "test": "test"}
@@ -142,13 +145,17 @@ def init_wandb(
     logger = cfg.get("logger") or {}
     if logger.get("name", "none") == "none":
         return None
-    require_writable(Path(run_dir) / "wandb", "the W&B directory", "make it writable, or logger=none")
+    require_writable(
+        Path(run_dir) / "wandb", "the W&B directory", "make it writable, or logger=none"
+    )
     import wandb
 
     run_dir = Path(run_dir)
     id_file = run_dir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-    if not id_file.exists():
+    curve = run_dir / METRICS_LOG
+    resumes = id_file.exists() and curve.exists() and curve.stat().st_size > 0
+    run_id = id_file.read_text().strip() if resumes else uuid.uuid4().hex[:8]
+    if not resumes:
         atomic_write_text(id_file, run_id)
     mode = os.environ.get("WANDB_MODE") or logger.get("mode", "offline")
     tags = [*(logger.get("tags") or []), *run_tags(cfg), *(tags or [])]
@@ -233,9 +240,11 @@ def _log_artifacts(run, result: RunResult, run_dir: Path, checkpoint: Path | Non
 
 
 def sync_command(run) -> str:
-    """``wandb sync <run dir>/wandb``: every offline folder of the run (one per invocation,
-    all with the run's id), uploaded in order as one run."""
-    return f"wandb sync {Path(run.settings.sync_dir).parent}"
+    """``wandb sync <run dir>/wandb/offline-run-*-<id>``: every offline folder of the run (one
+    per invocation, all with the run's id), which ``wandb sync`` uploads oldest first as one
+    run; folders of a superseded id (a start-over) are left out."""
+    wandb_dir = shlex.quote(str(Path(run.settings.sync_dir).parent))
+    return f"wandb sync {wandb_dir}/offline-run-*-{run.id}"
 
 
 def finish_wandb(

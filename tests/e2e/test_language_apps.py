@@ -35,7 +35,7 @@ def test_lm_smoke_end_to_end_writes_results(tmp_path):
     printed = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert printed and all(line.startswith(("[data]", "[lm]")) for line in printed), printed
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert any("loss" in json.loads(line) for line in lines)
+    assert any("train/loss" in json.loads(line) for line in lines)
     from multimax.integrations.fairseq_checkpoints import load_fairseq_checkpoint
 
     state = load_fairseq_checkpoint(str(run_dir / "checkpoints" / "checkpoint_last.pt"))

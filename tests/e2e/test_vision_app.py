@@ -21,7 +21,7 @@ from tests.apps import run_app
 
 def _losses(run_dir: Path) -> list[float]:
     lines = [json.loads(x) for x in (run_dir / METRICS_LOG).read_text().splitlines()]
-    return [x["train_loss"] for x in lines if "train_loss" in x]
+    return [x["train/loss"] for x in lines if "train/loss" in x]
 
 
 def test_two_torchrun_processes_train_as_one_with_the_same_global_batch(tmp_path):

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from experiments.core.io import REPO_ROOT
 from experiments.core.results import RunResult
 from experiments.core.setup import normalizer_options
-from experiments.core.tracking import finish_wandb, init_wandb
+from experiments.core.tracking import finish_wandb, init_wandb, log_metrics
 from tests.composition import compose
 
 CONFIGS = REPO_ROOT / "configs"
@@ -46,7 +46,7 @@ def test_wandb_offline_run_resumes_with_the_same_id(tmp_path, monkeypatch):
     run = init_wandb(cfg, tmp_path, name="first")
     first_id = run.id
     assert "normalizer=multimax" in run.tags
-    run.log({"loss": 1.0})
+    log_metrics(tmp_path, 1, {"train/loss": 1.0}, run)  # a run with a curve to continue
     result = RunResult(
         task="unit",
         dataset="d",
@@ -66,9 +66,9 @@ def test_wandb_offline_run_resumes_with_the_same_id(tmp_path, monkeypatch):
     # in 6 finishes saw only the 7-byte header, complete 2 s later), so wait for the flush.
     (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     deadline = time.monotonic() + 60
-    while b"metrics/top5" not in log.read_bytes() and time.monotonic() < deadline:
+    while b"test/top5" not in log.read_bytes() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert b"metric_value" in log.read_bytes() and b"metrics/top5" in log.read_bytes()
+    assert b"metric_value" in log.read_bytes() and b"test/top5" in log.read_bytes()
     run = init_wandb(cfg, tmp_path, name="again")
     assert run.id == first_id
     finish_wandb(run)

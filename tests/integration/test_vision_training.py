@@ -110,7 +110,7 @@ def test_smoke_run_writes_results(uninterrupted):
     assert data["config"]["trainer"]["epochs"] == 2
     assert data["metric_value"] == pytest.approx(result.metric_value)
     lines = [json.loads(x) for x in (run_dir / METRICS_LOG).read_text().splitlines()]
-    assert any("images_per_s" in x for x in lines) and any("top1" in x for x in lines)
+    assert any("throughput" in x for x in lines) and any("val/top1" in x for x in lines)
 
 
 def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(uninterrupted, tmp_path, capsys):

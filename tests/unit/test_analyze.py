@@ -85,8 +85,8 @@ def test_attention_maps_on_the_patch_grid(model: TinyAttentionModel) -> None:
 def _fake_run(root: Path, normalizer: str, seed: int, losses: list[float]) -> Path:
     run_dir = root / f"{normalizer}_{seed}"
     for step, loss in enumerate(losses):
-        log_metrics(run_dir, step * 10, {"train_loss": loss, "lr": 1e-3})
-    log_metrics(run_dir, 30, {"val_top1": 50.0 + seed})
+        log_metrics(run_dir, step * 10, {"train/loss": loss, "lr": 1e-3})
+    log_metrics(run_dir, 30, {"val/top1": 50.0 + seed})
     RunResult(task="toy", dataset="d", model="tiny", normalizer=normalizer,
               output_normalizer=normalizer, seed=seed, metric_name="val_top1",
               metric_value=50.0, steps=30, wall_seconds=1.0, profile="smoke").write(run_dir)  # fmt: skip

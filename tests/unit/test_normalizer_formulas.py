@@ -190,3 +190,19 @@ def test_output_layer_refusals_are_one_line_and_say_why():
     for name in ["ssmax", "softmax_sink", "entmax_alpha", "multimax"]:
         check_output_normalizer(name)
         assert default_output_normalizer(name) == name
+
+
+@pytest.mark.parametrize("name", ["ssmax", "softmax_sink", "entmax_alpha"])
+def test_gradcheck_per_head_parameters_under_a_causal_mask(name):
+    torch.manual_seed(3)
+    n = build_normalizer(name, num_heads=2).double()
+    start = {"ssmax": [0.6, 1.1], "softmax_sink": [-0.5, 0.8], "entmax_alpha": [1.3, 1.7]}[name]
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(4, 5, dtype=torch.bool).tril(diagonal=1)
+    (param_name,) = [k for k, _ in n.named_parameters()]
+
+    def fn(x, param):
+        return torch.func.functional_call(n, {param_name: param}, (x,), {"mask": mask})
+
+    param = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (x, param), atol=1e-6)

@@ -77,7 +77,7 @@ def test_seeds_aggregated_with_delta_to_softmax(multirun: Path, tmp_path: Path) 
     assert float(rows["multimax"]["mean"]) == pytest.approx(72.5)
     assert float(rows["multimax"]["delta_vs_softmax"]) == pytest.approx(1.5)
     md = (out / "imagenet_top1.md").read_text()
-    assert "| 72.50 ± 2.12 | 2 | 0,1 | +1.50 | n/a |" in md
+    assert "| 72.50 ± 2.12 | n/a | 2 | 0,1 | +1.50 | n/a | n/a |" in md  # no per-example records
     tex = (out / "imagenet_top1.tex").read_text()
     assert r"\begin{tabular}" in tex and "72.50 $\\pm$ 2.12" in tex
 
@@ -275,12 +275,13 @@ def test_markdown_and_latex_layout(multirun: Path, tmp_path: Path) -> None:
     column, and a booktabs float."""
     mt.make_tables([multirun], tmp_path / "t")
     md = (tmp_path / "t" / "imagenet_top1.md").read_text().splitlines()
-    assert md[6] == ("| model | dataset | attention | output | metric | mean ± std | n | seeds | "
-                     "Δ vs softmax | paper | paper Δ |")  # fmt: skip
-    assert md[7] == "|" + "---|" * 11
-    assert md[8] == ("| deit_tiny_gap_patch16_224 | imagenet | softmax | softmax | top1 | "
-                     "71.00 ± 1.41 | 2 | 0,1 | — | n/a | — |")  # fmt: skip
+    assert md[6].startswith("95% CI: two-stage bootstrap")
+    assert md[8] == ("| model | dataset | attention | output | metric | mean ± std | 95% CI | n | "
+                     "seeds | Δ vs softmax | p vs softmax | paper | paper Δ |")  # fmt: skip
+    assert md[9] == "|" + "---|" * 13
+    assert md[10] == ("| deit_tiny_gap_patch16_224 | imagenet | softmax | softmax | top1 | "
+                      "71.00 ± 1.41 | n/a | 2 | 0,1 | — | — | n/a | — |")  # fmt: skip
     tex = (tmp_path / "t" / "imagenet_top1.tex").read_text().splitlines()
-    assert tex[2:6] == [r"\begin{table}[t]", r"\centering",
-                        r"\caption{ImageNet-1K: top-1 (\%)}", r"\begin{tabular}{lllllrrrrrr}"]  # fmt: skip
+    assert tex[3:7] == [r"\begin{table}[t]", r"\centering",
+                        r"\caption{ImageNet-1K: top-1 (\%)}", r"\begin{tabular}{lllllrrrrrrrr}"]  # fmt: skip
     assert tex[-3:] == [r"\bottomrule", r"\end{tabular}", r"\end{table}"]

@@ -79,7 +79,9 @@ class Logger(Section):
     project: Text = None
     entity: Text | None = None
     group: Text | None = None
+    job_type: Text | None = None
     tags: list[Text] = None
+    log_checkpoint: bool = Field(None, description="upload the final checkpoint as an artifact")
 
 
 class Profile(Section):

@@ -1,7 +1,9 @@
 """The rows of each benchmark section, built from the config: attention at one shape
 (training and inference), the output layer at one (tokens, vocabulary) case, and whole-model
 training steps (timm's DeiT-small and :class:`StandInLM`), each MultiMax row beside the
-SoftMax row it is compared with."""
+SoftMax row it is compared with. An attention row ``NAME/IMPL`` with another registered
+normaliser (``ssmax/auto``, ``sigmoid/auto``, ...) runs it at its initial values, with one
+parameter per head where it has them, through path ``IMPL``."""
 
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from experiments.pipelines.benchmark.baselines import (
     standard_output_loss,
 )
 from experiments.pipelines.benchmark.timing import Row, available_bytes
-from multimax.attention import AttentionInputs, select_path
+from multimax.attention import ATTENTION_PATHS, AttentionInputs, select_path
 from multimax.flex import FLEX_AVAILABLE
+from multimax.normalizers import attention_layer_options
 
 
 def make_multimax(cfg: DictConfig, device: torch.device) -> multimax.Normalizer:
@@ -90,14 +93,27 @@ def attention_rows(shape, device, dtype, mm, names: Sequence[str], inference_nam
         "multimax/flex": ("multimax", lambda: library(mm, "flex"), "FlexAttention score_mod"),
         "multimax/auto": ("multimax", lambda: library(mm, "auto"), "what impl=auto picks"),
     }
-    probe = AttentionInputs(q, k, v, mm, None, None, causal, 0.0, scale)
+
+    def probe(normalizer) -> str:
+        return select_path(AttentionInputs(q, k, v, normalizer, None, None, causal, 0.0, scale))
+
     rows = []
     for name in names:
+        if name not in makers:
+            normalizer = other_normalizer(name, h, device)
+            if normalizer.causal_only and not causal:
+                continue  # stick-breaking: causal attention only
+            leaves.extend(normalizer.parameters())
+            impl = name.split("/")[1]
+            note = f"auto → {probe(normalizer)}" if impl == "auto" else f"impl={impl}"
+            fwd = library(normalizer, impl)
+            rows.append(Row(name, name.split("/")[0], fwd, with_backward(fwd), note, reset=clear))
+            continue
         kind, make, note = makers[name]
         if name == "multimax/flex" and not (device.type == "cuda" and FLEX_AVAILABLE):
             continue
         if name == "multimax/auto":
-            note = f"auto → {select_path(probe)}"
+            note = f"auto → {probe(mm)}"
         fwd = make()
         rows.append(Row(f"{name}", kind, fwd, with_backward(fwd), note, reset=clear))
 
@@ -112,6 +128,25 @@ def attention_rows(shape, device, dtype, mm, names: Sequence[str], inference_nam
 
         inference.append(Row(name, name.split("/")[0], no_grad, None, f"impl={impl}, no grad"))
     return rows, inference
+
+
+def other_normalizer(row: str, heads: int, device: torch.device) -> multimax.Normalizer:
+    """The normaliser of an attention row ``NAME/IMPL`` (NAME registered, not multimax or
+    softmax, whose rows are fixed), at its initial values, per head as an attention layer
+    builds it."""
+    name, _, impl = row.partition("/")
+    if (
+        name in ("multimax", "softmax")
+        or name not in multimax.NORMALIZERS
+        or (impl != "auto" and impl not in ATTENTION_PATHS)
+    ):
+        raise ValueError(
+            f"unknown attention benchmark row {row!r}: write NAME/IMPL with NAME one of "
+            f"{', '.join(n for n in multimax.NORMALIZERS if n not in ('multimax', 'softmax'))} "
+            f"and IMPL auto or one of {', '.join(ATTENTION_PATHS)}"
+        )
+    options = attention_layer_options(name, heads)
+    return multimax.build_normalizer(name, **options).to(device)
 
 
 def output_rows(oc, case, device, mm) -> tuple[list[Row], list[str]]:

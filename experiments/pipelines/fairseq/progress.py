@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.core.rundir import RunDir
-from experiments.core.tracking import log_metrics
+from experiments.core.tracking import log_metrics, under
 
 
 def parse_log_record(line: str) -> tuple[str, dict[str, Any]] | None:
@@ -116,7 +116,7 @@ class TrainProgress:
             shown = " | ".join(f"{k[6:]} {metrics[k]:.3f}" for k in VALID_METRICS if k in metrics)
             print(f"[{self.prefix}] valid @ update {step} | {shown}", flush=True)
             keep = {k: v for k, v in metrics.items() if k in VALID_METRICS}
-            log_metrics(self.run_dir, step, keep, self.wandb_run)
+            log_metrics(self.run_dir, step, under("val", keep), self.wandb_run)
 
     def _train(self, step: int, metrics: dict[str, float]) -> None:
         self.num_updates = step
@@ -136,7 +136,10 @@ class TrainProgress:
             f"lr {metrics.get('lr', math.nan):.2e}{eta}",
             flush=True,
         )
-        keep = {k: metrics[k] for k in ("loss", "ppl", "wps", "lr", "gnorm") if k in metrics}
+        # fairseq's names -> the vocabulary of experiments.core.tracking
+        names = {"loss": "train/loss", "ppl": "train/ppl", "gnorm": "train/gnorm", "lr": "lr",
+                 "wps": "throughput"}  # fmt: skip
+        keep = {names[k]: metrics[k] for k in names if k in metrics}
         log_metrics(self.run_dir, step, keep, self.wandb_run)
 
     @property

@@ -116,8 +116,6 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
             line = stopped_line(progress.num_updates, done, rundir.resume_hint())
             exit_after_save(f"[{prefix}] {line}")
         path = rundir.write_results(result, cfg)
-    if wandb_run is not None:
-        wandb_run.summary.update({result.metric_name: result.metric_value, **result.metrics})
     value = "null" if result.metric_value is None else f"{result.metric_value:.2f}"
     speed = result.metrics.get("train_tokens_per_s")
     print(
@@ -126,7 +124,7 @@ def run(cfg: DictConfig, evaluate: Callable[[DictConfig, Path, Path, TrainProgre
         + f"{result.steps} updates | {result.wall_seconds:.0f} s -> {path}",
         flush=True,
     )
-    finish_wandb(wandb_run, result)
+    finish_wandb(wandb_run, result, run_dir, save_dir / str(cfg.evaluate.checkpoint))
     return result
 
 
@@ -202,9 +200,8 @@ def train(cfg: DictConfig, rundir: RunDir, progress: TrainProgress, distributed:
         run_stage("train", args, log, on_line, distributed, keep_fds=rundir.lock_fds)
     except StageFailed as err:
         if err.code == INTERRUPTED_EXIT_CODE and "stopped" in dict(reports):
-            saved = _last_good(save_dir)
-            hint = resume_hint(progress.run_dir)
-            line = stopped_line(progress.num_updates, saved, hint)
+            saved, reached = _last_good(save_dir), resume_point(save_dir).step  # the saved update
+            line = stopped_line(reached, saved, resume_hint(progress.run_dir))
             exit_after_save(f"[{progress.prefix}] {line}")
         stop = training_stop(err, dict(reports), progress, save_dir)
         if stop is None:

@@ -19,6 +19,12 @@ from experiments.core.io import atomic_write_text
 from experiments.core.results import RunResult
 from experiments.core.rundir import RunDir
 from experiments.core.setup import normalizer_label, normalizer_options, seed_everything
+from experiments.core.signals import (
+    exit_after_save,
+    stop_at_step_ends,
+    stop_requested,
+    stopped_line,
+)
 from experiments.core.tracking import finish_wandb, init_wandb, log_metrics
 from experiments.pipelines.mechanism.task import (
     RetrievalAttention,
@@ -36,7 +42,7 @@ EVAL_STREAM = 1_000_003
 def train(cfg: DictConfig, run_dir: Path) -> RunResult:
     """Train and evaluate in ``run_dir``; a finished run there is left as it is (a run of
     seconds has no checkpoints: an unfinished one starts over, its curve cleared)."""
-    with RunDir.open(run_dir, total_steps=int(cfg.train.steps)) as run:
+    with RunDir.open(run_dir, total_steps=int(cfg.train.steps)) as run, stop_at_step_ends():
         if run.finished is not None:
             return run.finished
         return _train(cfg, run)
@@ -72,6 +78,9 @@ def _train(cfg: DictConfig, run: RunDir) -> RunResult:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if stop_requested() is not None:  # no checkpoint: a run of seconds starts over
+            finish_wandb(wandb_run)
+            exit_after_save(stopped_line(step, "nothing to save", run.resume_hint()))
         if step % cfg.train.log_every == 0 or step == steps:
             elapsed = time.perf_counter() - start
             rate = step / elapsed
@@ -110,8 +119,6 @@ def _train(cfg: DictConfig, run: RunDir) -> RunResult:
         + f" ({wall:.1f}s)",
         flush=True,
     )
-    if wandb_run is not None:
-        wandb_run.log({f"eval/{k}": v for k, v in results.items()}, step=steps)
 
     k = min(cfg.eval.examples_to_save, len(eval_data))
     with torch.no_grad():
@@ -147,5 +154,5 @@ def _train(cfg: DictConfig, run: RunDir) -> RunResult:
         metrics=results,
     )
     run.write_results(result, cfg)
-    finish_wandb(wandb_run, result)
+    finish_wandb(wandb_run, result, run_dir)
     return result

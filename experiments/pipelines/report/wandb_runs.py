@@ -1,6 +1,7 @@
 """Runs read from the W&B API instead of run directories (``make_tables --from-wandb``): each
 finished run's config (the resolved Hydra config, ``registry`` block included) and summary
-become the mapping a ``results.json`` holds."""
+become the mapping a ``results.json`` holds. The summary names metrics as
+``experiments.core.tracking`` logs them: ``results.json``'s metrics as ``test/<name>``."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def record_from_wandb(config: Mapping[str, Any], summary: Mapping[str, Any]) -> 
         "metric_value": None,
         "steps": int(numbers.get("_step", 0)),
         "wall_seconds": float(numbers.get("_runtime", 0.0)),
-        "metrics": {k: v for k, v in numbers.items() if not k.startswith("_")},
+        "metrics": _final_metrics(numbers),
         "config": dict(config),
     }
     record.update({k: v for k, v in summary.items() if k in SUMMARY_FIELDS})
@@ -44,11 +45,18 @@ def record_from_wandb(config: Mapping[str, Any], summary: Mapping[str, Any]) -> 
         )
     name = record["metric_name"]
     if record["metric_value"] is None and name:
-        for key in (name, f"eval/{name}", f"val/{name}"):
-            if key in summary:
+        for key in (f"test/{name}", name):
+            if isinstance(summary.get(key), int | float):
                 record["metric_value"] = summary[key]
                 break
     return record
+
+
+def _final_metrics(numbers: Mapping[str, float]) -> dict[str, float]:
+    """``results.json``'s metrics from a summary: its ``test/<name>`` entries (a run logged
+    before that vocabulary: every number not starting with ``_``)."""
+    final = {k.removeprefix("test/"): v for k, v in numbers.items() if k.startswith("test/")}
+    return final or {k: v for k, v in numbers.items() if not k.startswith("_")}
 
 
 def records_from_wandb(project: str) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:

@@ -23,7 +23,7 @@ from experiments.core.errors import INTERRUPTED_EXIT_CODE
 from experiments.core.io import atomic_write_text
 from experiments.core.per_example import save_image_correctness
 from experiments.core.results import RESULTS_FILE, RunResult
-from experiments.core.rundir import RunDir, latest_checkpoint
+from experiments.core.rundir import CHECKPOINT_LAST, RunDir, latest_checkpoint
 from experiments.core.setup import init_distributed, normalizer_options, seed_everything
 from experiments.core.signals import (
     exit_after_save,
@@ -31,7 +31,7 @@ from experiments.core.signals import (
     stop_requested,
     stopped_line,
 )
-from experiments.core.tracking import finish_wandb, init_wandb, log_metrics
+from experiments.core.tracking import finish_wandb, init_wandb, log_metrics, under
 from experiments.pipelines.vision.data import (
     DataLayoutError,
     data_root,
@@ -265,7 +265,7 @@ def _train(cfg: DictConfig, run: RunDir, ctx, parts: Parts) -> RunResult | None:
                         log_metrics(
                             run_dir,
                             step,
-                            {"train_loss": loss, "lr": lr, "images_per_s": rate, "epoch": epoch},
+                            {"train/loss": loss, "lr": lr, "throughput": rate, "epoch": epoch},
                             wandb_run,
                         )
                         run.tick(min_interval=5.0)
@@ -283,7 +283,8 @@ def _train(cfg: DictConfig, run: RunDir, ctx, parts: Parts) -> RunResult | None:
                                 f"top5 {metrics['top5']:.2f} val_loss {metrics['val_loss']:.4f}",
                                 flush=True,
                             )
-                            log_metrics(run_dir, step, {**metrics, "epoch": epoch + 1}, wandb_run)
+                            logged = {**under("val", metrics), "epoch": epoch + 1}
+                            log_metrics(run_dir, step, logged, wandb_run)
                     epoch, batches_done = epoch + 1, 0
                 signalled = _stop_signalled(ctx)
                 if epoch_end or step % every_ckpt == 0 or step == stop_at or signalled:
@@ -335,8 +336,8 @@ def _train(cfg: DictConfig, run: RunDir, ctx, parts: Parts) -> RunResult | None:
     )
     run.write_results(result, cfg)
     if wandb_run is not None:
-        wandb_run.summary.update({**result.metrics, "attention_path": attn_paths})
-    finish_wandb(wandb_run, result)
+        wandb_run.summary["attention_path"] = attn_paths
+    finish_wandb(wandb_run, result, run_dir, run_dir / CHECKPOINT_LAST)
     print(
         f"done: top1 {result.metric_value:.2f} top5 {metrics.get('top5', float('nan')):.2f} "
         f"in {_duration(wall)}, {mean_rate:,.0f} train img/s -> {run_dir / RESULTS_FILE}"

@@ -16,7 +16,14 @@ Registers with fairseq's own registries
   from a checkpoint onto exactly the batches the uninterrupted run reads (``tasks.py``);
 
 and allow-lists the types fairseq checkpoints hold for ``torch.load(weights_only=True)``
-(``multimax.integrations.fairseq_checkpoints``). fairseq's own models are left as they are.
+(``multimax.integrations.fairseq_checkpoints``), and gives NumPy 2 back the one name fairseq
+0.12 still reads, ``np.compat.long`` (``numpy_compat.py``: ``fairseq-eval-lm
+--sample-break-mode eos``, the LM hub's ``sample`` / ``score``). fairseq's own models are left
+as they are.
+
+fairseq's hub (``TransformerModel.from_pretrained`` ...) imports the plugin when given
+``user_dir=USER_DIR``; it never reads the ``user_dir`` a checkpoint records
+(docs/fairseq_plugin.md, *Hub*).
 
 fairseq imports a user dir under its folder name (``fairseq_plugin``); the work is done in
 the submodules, always imported under their full names, so importing the plugin both ways
@@ -38,6 +45,7 @@ from multimax.integrations.fairseq_plugin.models import (
     MultimaxTransformerLanguageModel,
     MultimaxTransformerModel,
 )
+from multimax.integrations.fairseq_plugin.numpy_compat import provide_numpy_compat_long
 from multimax.integrations.fairseq_plugin.optim import MultimaxAdam
 from multimax.integrations.fairseq_plugin.options import MultimaxOptions, normalizer_cli_args
 from multimax.integrations.fairseq_plugin.tasks import (
@@ -46,6 +54,7 @@ from multimax.integrations.fairseq_plugin.tasks import (
 )
 
 allow_fairseq_checkpoints()
+provide_numpy_compat_long()
 # what fairseq's resume broadcast to the other ranks pickles besides the checkpoint's types
 torch.serialization.add_safe_globals([fairseq_distributed_utils._TensorPlaceholder])
 
