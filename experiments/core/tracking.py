@@ -45,7 +45,7 @@ STEP = "step"
 SPLITS = ("train", "val", "test")
 PLAIN_METRICS = ("lr", "throughput", "epoch")
 # A metric's last name part -> the summary W&B keeps besides the last value.
-LOWER_IS_BETTER = re.compile(r"(loss|ppl|error|zero_prob|_over_var)$")
+LOWER_IS_BETTER = re.compile(r"(loss|ppl|perplexity|error|zero_prob|_over_var)$")
 HIGHER_IS_BETTER = re.compile(r"(top\d+|bleu|chrf|accuracy)$")
 # What each split's metrics are called in the pipelines' own records (fairseq's valid_loss).
 _SPLIT_ALIASES = {"train": "train", "val": "valid|val", "test": "test"}
@@ -179,8 +179,10 @@ def init_wandb(
     return run
 
 
-# Per W&B run id: the metrics whose summary goal is defined already.
+# Per W&B run id: the metrics whose summary goal is defined already; the run ids whose last
+# logged step is a row W&B still holds open.
 _DEFINED: dict[str, set[str]] = {}
+_OPEN_ROW: set[str] = set()
 
 
 def _define_summaries(wandb_run, names) -> None:
@@ -212,6 +214,16 @@ def log_metrics(
     if wandb_run is not None:
         _define_summaries(wandb_run, metrics)
         wandb_run.log({STEP: int(step), **metrics}, step=int(step))
+        _OPEN_ROW.add(wandb_run.id)
+
+
+def commit_metrics(wandb_run) -> None:
+    """Write the W&B row of the last step logged (W&B holds it open for more of that step):
+    called before a checkpoint is saved, so a run killed after the save has every row up to
+    its resume point in its offline file, and re-logs the rest after resuming."""
+    if wandb_run is not None and wandb_run.id in _OPEN_ROW:
+        wandb_run.log({}, commit=True)  # (with no row open this would add an empty one)
+        _OPEN_ROW.discard(wandb_run.id)
 
 
 def _result_table(result: RunResult):
@@ -273,6 +285,7 @@ def finish_wandb(
     offline = getattr(run.settings, "mode", None) == "offline"
     command = sync_command(run)
     _DEFINED.pop(run.id, None)
+    _OPEN_ROW.discard(run.id)
     run.finish()
     if offline:
         print(f"W&B run saved offline; upload it with: {command}", flush=True)

@@ -37,14 +37,18 @@ def _sh(*cmd: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
-def _wait_for_log(pattern: str, folder: Path, text: str, proc=None) -> Path:
-    """The SLURM job log under ``folder`` matching ``pattern`` that shows ``text``."""
+def _wait_for_log(pattern: str, folder: Path, text: str, proc=None, job: str = "") -> Path:
+    """The SLURM job log under ``folder`` matching ``pattern`` that shows ``text``; fails
+    when the sweep (``proc``) or the ``job`` ends first."""
     while True:
         for log in folder.glob(pattern):
             if text in log.read_text(errors="replace"):
                 return log
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the sweep ended before {text!r}:\n{proc.output[-4000:]}")
+        if job and not _sh("squeue", "-h", "-j", job).strip():
+            logs = "".join(p.read_text(errors="replace") for p in folder.glob(pattern))
+            raise AssertionError(f"job {job} ended before {text!r}:\n{logs[-4000:]}")
         time.sleep(0.5)
 
 
@@ -96,7 +100,7 @@ def test_scancel_term_leaves_a_checkpoint_at_the_step_reached(tmp_path):
         "sbatch", "--parsable", "--cpus-per-task=1", f"--chdir={REPO_ROOT}", f"--output={log}",
         "--wrap", "srun " + shlex.join([*command, f"hydra.run.dir={run_dir}"]),
     ).strip()  # fmt: skip
-    _wait_for_log(log.name, log.parent, "step 5/")
+    _wait_for_log(log.name, log.parent, "step 5/", job=job)
     _sh("scancel", "--signal=TERM", job)
     state = _job_done(job)
     out = log.read_text()

@@ -40,6 +40,7 @@ def _temp_files(run_dir) -> list[str]:
     return sorted(p.name for p in run_dir.rglob("*") if ".tmp" in p.name)
 
 
+@pytest.mark.slow
 def test_an_unwritable_run_directory_stops_in_one_line(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")

@@ -9,6 +9,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from experiments.core.tracking import (
     under,
 )
 from experiments.pipelines.report.wandb_runs import record_from_wandb
+from tests.apps import Background, app_env
 from tests.composition import compose
 from tests.wandb_records import finished_run, offline_runs
 
@@ -153,3 +155,38 @@ def test_a_resumed_offline_run_keeps_its_id_and_one_command_uploads_every_part(
         assert len(listed) == want and all(ids[0] in x and ids[1] not in x for x in listed), (
             out.stdout + out.stderr
         )
+
+
+KILLED_RUN = """
+import sys, time
+from omegaconf import OmegaConf
+from experiments.core.tracking import commit_metrics, init_wandb, log_metrics
+cfg = OmegaConf.create({"task": "unit", "seed": 0, "normalizer": {"name": "softmax"},
+                        "logger": {"name": "wandb", "mode": "offline", "job_type": "train"}})
+run_dir = sys.argv[1]
+run = init_wandb(cfg, run_dir)
+log_metrics(run_dir, 1, {"train/loss": 2.0}, run)
+log_metrics(run_dir, 2, {"train/loss": 1.0}, run)
+log_metrics(run_dir, 2, {"val/loss": 1.5}, run)
+commit_metrics(run)  # as the pipelines do before saving a checkpoint
+commit_metrics(run)  # a second one adds nothing
+log_metrics(run_dir, 3, {"train/loss": 0.5}, run)
+print("checkpoint saved", flush=True)
+time.sleep(600)
+"""
+
+
+def test_rows_up_to_a_checkpoint_survive_a_kill(tmp_path):
+    app = Background([sys.executable, "-c", KILLED_RUN, str(tmp_path)], app_env())
+    app.wait_for("checkpoint saved")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # W&B's service writes the file on its own time
+        parts = offline_runs(tmp_path / "wandb")
+        if parts and parts[0].steps()[:2] == [1, 2]:
+            break
+        time.sleep(0.2)
+    app.kill(group=True)
+    (killed,) = offline_runs(tmp_path / "wandb")
+    assert not killed.exited and killed.steps()[:2] == [1, 2]
+    assert {"train/loss", "val/loss"} <= set(killed.history[1])  # step 2: one row, both
+    assert [row.get("_step") for row in killed.history] in (["1", "2"], ["1", "2", "3"])

@@ -24,6 +24,7 @@ from experiments.core.rundir import (
     CHECKPOINT_LAST,
     CHECKPOINT_PREVIOUS,
     load_checkpoint,
+    note_run_dir,
     save_checkpoint,
 )
 from experiments.core.tracking import init_wandb
@@ -99,6 +100,18 @@ def test_a_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path):
     with pytest.raises(WriteFailed, match=f"{blocker} is a file, not a folder; give"):
         require_writable(blocker / "run", "the run directory", "give another")
     require_writable(tmp_path / "new" / "run", "the run directory", "unused")  # creatable
+
+
+def test_a_run_directory_that_cannot_be_made_stops_before_hydra_makes_it(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as stop:
+        note_run_dir(blocker / "run")  # the config check's callback, before Hydra's mkdir
+    assert stop.value.code == WRITE_FAILED_EXIT_CODE
+    assert capsys.readouterr().err.splitlines() == [
+        f"ERROR: cannot write the run directory {blocker}/run: {blocker} is a file, not a "
+        "folder; give hydra.run.dir=... a writable place"
+    ]
 
 
 def test_a_wandb_directory_in_the_way_stops_before_wandb_starts(tmp_path):

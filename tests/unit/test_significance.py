@@ -28,7 +28,24 @@ from experiments.pipelines.report import tables as mt
 from experiments.pipelines.report.significance import Records
 
 RNG = np.random.default_rng(0)
-WORDS = "the a cat dog sat on mat house big small red blue went home fast slow".split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "house",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "went",
+    "home",
+    "fast",
+    "slow",
+]
 REFS = [" ".join(RNG.choice(WORDS, size=9)) for _ in range(120)]
 GOOD = [" ".join(r.split()[:7] + list(RNG.choice(WORDS, size=2))) for r in REFS]
 # every second sentence replaced by random words: a clearly worse system

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.core.rundir import RunDir
-from experiments.core.tracking import log_metrics, under
+from experiments.core.tracking import commit_metrics, log_metrics, under
 
 
 def parse_log_record(line: str) -> tuple[str, dict[str, Any]] | None:
@@ -101,6 +101,7 @@ class TrainProgress:
             print(f"[{self.prefix}] resumed from {loaded.group(1)} @ update {self.num_updates}")
         saved = re.search(r"Saved checkpoint (\S+) \(epoch \d+ @ (\d+) updates", line)
         if saved:
+            commit_metrics(self.wandb_run)  # W&B's rows up to the checkpoint, into its file
             self.num_updates = max(self.num_updates, int(saved.group(2)))
             print(f"[{self.prefix}] checkpoint saved @ update {saved.group(2)}", flush=True)
         self.run.tick(min_interval=5.0)

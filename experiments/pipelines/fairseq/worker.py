@@ -388,7 +388,7 @@ def check_args(argv: list[str]) -> None:
         "fairseq-train": options.get_training_parser,
         "fairseq-eval-lm": options.get_eval_lm_parser,
         "fairseq-generate": options.get_generation_parser,
-        "fairseq-interactive": options.get_interactive_parser,
+        "fairseq-interactive": options.get_interactive_generation_parser,
         "fairseq-validate": options.get_validation_parser,
     }
     found = []

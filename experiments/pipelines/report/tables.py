@@ -10,7 +10,9 @@ stored config; title, metric label, direction, extra metrics and order from
 attention normaliser × output normaliser, seeds aggregated (mean ± sample std, n) and written
 per table as Markdown, CSV and LaTeX, with the paper's value from
 ``results/paper_reference.json`` (null → "n/a") and the difference to the softmax row of the
-same model. Runs of a profile other than ``paper`` (e.g. ``smoke``) go to separate, clearly
+same model; per row a 95 % confidence interval and a paired test against that softmax row
+(p, ``*`` below 0.05) from the runs' per-example records (``significance``). Runs of a
+profile other than ``paper`` (e.g. ``smoke``) go to separate, clearly
 labelled tables (``<table>_<profile>.*``). Broken or partial ``results.json`` files, and runs
 whose config names no table, are reported by path and skipped; a seed that appears twice in
 one group keeps the newest run and reports the older one.

@@ -31,7 +31,13 @@ from experiments.core.signals import (
     stop_requested,
     stopped_line,
 )
-from experiments.core.tracking import finish_wandb, init_wandb, log_metrics, under
+from experiments.core.tracking import (
+    commit_metrics,
+    finish_wandb,
+    init_wandb,
+    log_metrics,
+    under,
+)
 from experiments.pipelines.vision.data import (
     DataLayoutError,
     data_root,
@@ -288,6 +294,7 @@ def _train(cfg: DictConfig, run: RunDir, ctx, parts: Parts) -> RunResult | None:
                     epoch, batches_done = epoch + 1, 0
                 signalled = _stop_signalled(ctx)
                 if epoch_end or step % every_ckpt == 0 or step == stop_at or signalled:
+                    commit_metrics(wandb_run)  # W&B's rows up to here, before the checkpoint
                     save_state(parts, ctx, run_dir, epoch, batches_done, step, best, metrics)
                     run.tick()
                 if signalled:
