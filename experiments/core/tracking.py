@@ -171,7 +171,12 @@ def init_wandb(
         id=run_id,
         resume="allow",
         mode=mode,
-        settings=wandb.Settings(silent=True, console="off"),
+        settings=wandb.Settings(
+            silent=True,
+            console="off",
+            # how often W&B's service writes the offline file: what a kill -9 can lose
+            x_transaction_log_flush_interval=float(logger.get("flush_every_seconds", 15.0)),
+        ),
     )
     run.define_metric(STEP)
     for pattern in (*(f"{split}/*" for split in SPLITS), *PLAIN_METRICS):
@@ -219,8 +224,9 @@ def log_metrics(
 
 def commit_metrics(wandb_run) -> None:
     """Write the W&B row of the last step logged (W&B holds it open for more of that step):
-    called before a checkpoint is saved, so a run killed after the save has every row up to
-    its resume point in its offline file, and re-logs the rest after resuming."""
+    called before a checkpoint is saved, so W&B's service gets every row up to the step a
+    killed run resumes from (it writes them to the offline file on its own time), and the
+    resumed run logs the rest again."""
     if wandb_run is not None and wandb_run.id in _OPEN_ROW:
         wandb_run.log({}, commit=True)  # (with no row open this would add an empty one)
         _OPEN_ROW.discard(wandb_run.id)

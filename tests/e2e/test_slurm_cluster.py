@@ -115,7 +115,7 @@ def test_scancel_term_leaves_a_checkpoint_at_the_step_reached(tmp_path):
 
 # --- the real time limit: minutes per run, under -m slow -------------------------------------------
 
-MT = [*TINY_MT, "normalizer=multimax", "train.max_update=200", "train.save_interval_updates=1000"]
+MT = [*TINY_MT, "normalizer=multimax", "train.max_update=120", "train.save_interval_updates=1000"]
 TIME_LIMITED = {
     "vision": ("vision", [*VISION, "trainer.epochs=8", "trainer.log_every_steps=5"]),
     "mt": ("translation", MT),

@@ -7,9 +7,6 @@ loaders look for them."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -19,7 +16,6 @@ from timm.data import resolve_data_config
 from timm.models import load_checkpoint, load_state_dict
 
 import multimax.integrations.timm  # noqa: F401 - registers the models
-from experiments.core.io import REPO_ROOT
 from experiments.core.rundir import CHECKPOINT_LAST
 from experiments.pipelines.vision.parts import RESOLVED_CONFIG, build_model
 from experiments.pipelines.vision.train import train
@@ -105,14 +101,15 @@ def test_package_loader_gives_trained_or_ema_weights(run):
     torch.testing.assert_close(logits_of(model, images), logits["model"])
 
 
-def test_export_reloads_through_timm_local_dir(run, tmp_path):
-    run_dir, _, images, logits = run
+def test_export_reloads_through_timm_local_dir(run, tmp_path, capsys):
+    """``scripts/export_model.py`` (its main, in process: the file answering ``--help`` as
+    written is tests/e2e/test_readme.py's), EMA and trained weights alike."""
+    from scripts.export_model import main as export_model
+
+    run_dir, checkpoint, images, logits = run
     out = tmp_path / "export"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = [sys.executable, str(REPO_ROOT / "scripts/export_model.py")]
-    proc = subprocess.run([*script, str(run_dir), str(out)], env=env, capture_output=True,
-                          text=True, cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    export_model([str(run_dir), str(out)])
+    assert f"(trained weights) to {out}" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == ARCH
@@ -121,7 +118,9 @@ def test_export_reloads_through_timm_local_dir(run, tmp_path):
     torch.testing.assert_close(logits_of(model, images), logits["model"])
     assert model.output_normalizer.registry_name == "sparsemax"
 
-    from scripts.export_model import main as export_model
+    export_model([str(checkpoint), str(tmp_path / "ema"), "--ema"])
+    ema = timm.create_model(f"local-dir:{tmp_path / 'ema'}", pretrained=True)
+    torch.testing.assert_close(logits_of(ema, images), logits[EMA_KEY])
 
     with pytest.raises(SystemExit, match="not empty: choose a new folder"):
         export_model([str(run_dir), str(out)])  # an existing export is never overwritten

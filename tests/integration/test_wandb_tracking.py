@@ -162,7 +162,8 @@ import sys, time
 from omegaconf import OmegaConf
 from experiments.core.tracking import commit_metrics, init_wandb, log_metrics
 cfg = OmegaConf.create({"task": "unit", "seed": 0, "normalizer": {"name": "softmax"},
-                        "logger": {"name": "wandb", "mode": "offline", "job_type": "train"}})
+                        "logger": {"name": "wandb", "mode": "offline", "job_type": "train",
+                                   "flush_every_seconds": 0.5}})
 run_dir = sys.argv[1]
 run = init_wandb(cfg, run_dir)
 log_metrics(run_dir, 1, {"train/loss": 2.0}, run)

@@ -195,3 +195,17 @@ def test_a_record_of_another_evaluation_is_named_and_not_used(tmp_path: Path) ->
     assert rows["multimax"]["ci_low"] == rows["multimax"]["p_vs_softmax"] == ""
     assert rows["entmax15"]["ci_low"] == "" and rows["softmax"]["ci_low"] != ""
     assert Records().record(str(tmp_path / "nowhere" / "results.json")) is None
+
+
+def test_records_of_different_test_sets_are_not_compared(tmp_path: Path) -> None:
+    base = _scored("lm", LOG_PROBS, "test_perplexity", tmp_path, "base")
+    shorter = _scored("lm", LOG_PROBS[:-1], "test_perplexity", tmp_path, "shorter")
+    with pytest.raises(ValueError, match="1999 and 2000 test examples"):
+        sig.paired_p(shorter, base, "test_perplexity")
+    with pytest.raises(ValueError, match="not the same test set"):
+        sig.confidence_interval([base, shorter])
+    problems: list[str] = []
+    row = sig.row_statistics({0: shorter}, {0: base}, "test_perplexity", problems, "row")
+    assert row["p_value"] is None and row["ci_low"] is not None
+    assert problems == ["row: no paired test against softmax, the two records hold 1999 and "
+                        "2000 test examples (not the same test set)"]  # fmt: skip

@@ -82,6 +82,7 @@ class Logger(Section):
     job_type: Text | None = None
     tags: list[Text] = None
     log_checkpoint: bool = Field(None, description="upload the final checkpoint as an artifact")
+    flush_every_seconds: Positive = Field(None, description="how often W&B writes its run file")
 
 
 class Profile(Section):

@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from experiments.core.console import fidelity_line
-from experiments.core.errors import INTERRUPTED_EXIT_CODE, STOP_EXIT_CODE, RunStop
+from experiments.core.errors import STOP_EXIT_CODE, RunStop
 from experiments.core.results import RunResult
 from experiments.core.rundir import ResumePoint, RunDir, hydra_run_dir, resume_hint, stops_cleanly
 from experiments.core.setup import normalizer_options
@@ -197,16 +197,18 @@ def train(cfg: DictConfig, rundir: RunDir, progress: TrainProgress, distributed:
 
     log = rundir.path / "train.log"
     try:
-        run_stage("train", args, log, on_line, distributed, keep_fds=rundir.lock_fds)
+        if stop_requested() is None:
+            run_stage("train", args, log, on_line, distributed, keep_fds=rundir.lock_fds)
     except StageFailed as err:
-        if err.code == INTERRUPTED_EXIT_CODE and "stopped" in dict(reports):
-            saved, reached = _last_good(save_dir), resume_point(save_dir).step  # the saved update
-            line = stopped_line(reached, saved, resume_hint(progress.run_dir))
-            exit_after_save(f"[{progress.prefix}] {line}")
-        stop = training_stop(err, dict(reports), progress, save_dir)
-        if stop is None:
-            raise
-        raise stop from None
+        if stop_requested() is None:  # else the trainer saved, or was stopped before training
+            stop = training_stop(err, dict(reports), progress, save_dir)
+            if stop is None:
+                raise
+            raise stop from None
+    if stop_requested() is not None:
+        saved, reached = _last_good(save_dir), resume_point(save_dir).step  # the saved update
+        line = stopped_line(reached, saved, resume_hint(progress.run_dir))
+        exit_after_save(f"[{progress.prefix}] {line}")
 
 
 def _last_good(save_dir: Path) -> str:

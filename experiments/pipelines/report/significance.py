@@ -113,7 +113,9 @@ def confidence_interval(runs: Sequence[Scored]) -> tuple[float, float]:
     """95 % interval of the mean over ``runs`` (one per seed): the two-stage bootstrap of
     the module docstring."""
     if len({len(r.stats) for r in runs}) != 1:
-        raise ValueError("the seeds' records hold different numbers of test examples")
+        raise ValueError(
+            "the seeds' records hold different numbers of test examples (not the same test set)"
+        )
     rng = np.random.default_rng(RANDOM_SEED)
     scores = _resampled_scores(runs, rng)
     seeds = rng.integers(0, len(runs), size=(SAMPLES, len(runs)))
@@ -126,7 +128,10 @@ def paired_bootstrap_p(system: Scored, baseline: Scored) -> float:
     """p of a paired bootstrap over test examples: both models scored on each resample;
     the resampled differences, centred on their mean, against the observed difference."""
     if len(system.stats) != len(baseline.stats):
-        raise ValueError("the two records hold different numbers of test examples")
+        raise ValueError(
+            f"the two records hold {len(system.stats)} and {len(baseline.stats)} test examples "
+            "(not the same test set)"
+        )
     observed = system.value() - baseline.value()
     scores = _resampled_scores([system, baseline], np.random.default_rng(RANDOM_SEED))
     diffs = scores[:, 0] - scores[:, 1]
