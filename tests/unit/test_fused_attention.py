@@ -53,7 +53,7 @@ def test_fused_gradient_of_a_learned_additive_bias():
     assert_same(fast, ref)
 
 
-@pytest.mark.parametrize("norm", ["multimax2", "multimax3", "multimax_v2", *ROW_MAPS])
+@pytest.mark.parametrize("norm", ["multimax2", "multimax3", "multimax_v2", *ROW_MAPS[::2]])
 @pytest.mark.parametrize("mask_name", ["none", "bool", "additive", "causal"])
 def test_inference_path_equals_reference_without_grad(norm, mask_name):
     normalizer = NORMALIZERS[norm]()
@@ -140,7 +140,7 @@ def test_compiled_kernels_equal_reference(norm):
 
 
 @pytest.mark.parametrize(
-    "norm", ["multimax1", "multimax2", "multimax3", "multimax_v2", "softmax_sink", *ROW_MAPS[2:]]
+    "norm", ["multimax1", "multimax2", "multimax3", "multimax_v2", *ROW_MAPS[::2]]
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_and_inference_in_half_precision_are_as_accurate_as_the_reference(norm, dtype):

@@ -209,3 +209,22 @@ def test_records_of_different_test_sets_are_not_compared(tmp_path: Path) -> None
     assert row["p_value"] is None and row["ci_low"] is not None
     assert problems == ["row: no paired test against softmax, the two records hold 1999 and "
                         "2000 test examples (not the same test set)"]  # fmt: skip
+
+
+def test_bleu_rows_are_tested_by_sacrebleus_paired_bootstrap(tmp_path: Path) -> None:
+    from sacrebleu import corpus_bleu
+
+    for normalizer, hyps in (("softmax", GOOD), ("multimax", CORRUPTED)):
+        run_dir = tmp_path / "runs" / normalizer
+        run_dir.mkdir(parents=True)
+        RunResult(task="translation", dataset="iwslt14_deen_smoke", model="transformer_iwslt_de_en",
+                  normalizer=normalizer, output_normalizer=normalizer, seed=0,
+                  metric_name="sacrebleu", metric_value=corpus_bleu(hyps, [REFS]).score,
+                  steps=10, wall_seconds=1.0, profile="smoke",
+                  config={"registry": {"table": "iwslt14_bleu"}}).write(run_dir)  # fmt: skip
+        save_translations(run_dir, hyps, REFS, "nrefs:1|case:mixed|tok:13a|version:test")
+    mt.make_tables([tmp_path / "runs"], tmp_path / "t")
+    with (tmp_path / "t" / "iwslt14_bleu_smoke.csv").open() as f:
+        rows = {r["normalizer"]: r for r in csv.DictReader(f)}
+    assert rows["multimax"]["significance_test"].startswith("sacreBLEU paired bootstrap")
+    assert float(rows["multimax"]["p_vs_softmax"]) < 0.05
