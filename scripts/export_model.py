@@ -22,11 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from experiments.core.rundir import load_checkpoint
-    from multimax.integrations.timm_checkpoints import (
-        create_model_from_checkpoint,
-        export_for_hf,
-        load_checkpoint_file,
-    )
+    from multimax.integrations.timm import create_model_from_checkpoint
+    from multimax.integrations.timm_checkpoints import export_for_hf, load_checkpoint_file
 
     if args.source.is_dir():
         state = load_checkpoint(args.source)

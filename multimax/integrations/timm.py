@@ -42,18 +42,28 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.fx
 from timm.layers import Attention, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
 import multimax
 from multimax.attention import AttentionInputs, select_path
-from multimax.integrations.timm_checkpoints import saved_model_args
+from multimax.integrations.timm_checkpoints import (
+    ARCHITECTURE_KEY,
+    MODEL_ARGS_KEY,
+    PRETRAINED_CFG_KEY,
+    checkpoint_weights,
+    load_checkpoint_file,
+    read_model_card,
+    saved_model_args,
+)
 from multimax.normalizers import (
     NORMALIZERS,
     Normalizer,
@@ -328,8 +338,27 @@ def deit_smoke_gap_patch4_16(pretrained: bool = False, **kwargs: Any) -> GapVisi
     return _create("deit_smoke_gap_patch4_16", pretrained, arch, **kwargs)
 
 
+def create_model_from_checkpoint(
+    checkpoint: str | Path | Mapping[str, Any], use_ema: bool = False, **overrides: Any
+) -> nn.Module:
+    """The model a checkpoint (a path or a loaded dict) was saved from, in eval mode, on the
+    CPU; ``overrides`` replace recorded model arguments (e.g. ``attention_impl``)."""
+    state = checkpoint
+    if not isinstance(checkpoint, Mapping):
+        state = load_checkpoint_file(checkpoint)
+    card = read_model_card(state)
+    model = timm.create_model(
+        card[ARCHITECTURE_KEY],
+        pretrained_cfg_overlay=dict(card[PRETRAINED_CFG_KEY]),
+        **{**card[MODEL_ARGS_KEY], **overrides},
+    )
+    model.load_state_dict(checkpoint_weights(state, use_ema))
+    return model.eval()
+
+
 __all__ = [
     "MODEL_NAMES",
+    "create_model_from_checkpoint",
     "GapVisionTransformer",
     "NormalizedAttention",
     "deit_small_gap_patch16_224",

@@ -8,7 +8,8 @@ the names timm's ``config.json`` uses. The trained weights are under ``model`` a
 weights, when the run kept them, under ``state_dict_ema``: where timm's
 ``load_state_dict(use_ema=True)`` looks first. With that, all of these rebuild the run's model:
 
-* ``create_model_from_checkpoint(path)`` (this module; ``use_ema=True`` for the EMA weights);
+* ``multimax.integrations.timm.create_model_from_checkpoint(path)`` (``use_ema=True`` for the
+  EMA weights): this module is the checkpoint's format and imports no model code;
 * ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))``: the
   registered entry points read the recorded arguments (:func:`saved_model_args`); timm's
   file loader takes the EMA weights when there are any (its ``use_ema=True`` default);
@@ -82,28 +83,6 @@ def checkpoint_weights(state: Mapping[str, Any], use_ema: bool = False) -> dict:
     return clean_state_dict(weights)
 
 
-def create_model_from_checkpoint(
-    checkpoint: str | Path | Mapping[str, Any], use_ema: bool = False, **overrides: Any
-) -> nn.Module:
-    """The model a checkpoint (a path or a loaded dict) was saved from, in eval mode, on the
-    CPU; ``overrides`` replace recorded model arguments (e.g. ``attention_impl``)."""
-    import timm
-
-    import multimax.integrations.timm  # noqa: F401 - registers the architectures
-
-    state = checkpoint
-    if not isinstance(checkpoint, Mapping):
-        state = load_checkpoint_file(checkpoint)
-    card = read_model_card(state)
-    model = timm.create_model(
-        card[ARCHITECTURE_KEY],
-        pretrained_cfg_overlay=dict(card[PRETRAINED_CFG_KEY]),
-        **{**card[MODEL_ARGS_KEY], **overrides},
-    )
-    model.load_state_dict(checkpoint_weights(state, use_ema))
-    return model.eval()
-
-
 def saved_model_args(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` of a registered entry point called with ``pretrained=True``, completed from
     the weights' source: a checkpoint given as ``pretrained_cfg_overlay=dict(file=...)``
@@ -161,7 +140,6 @@ __all__ = [
     "PRETRAINED_CFG_KEY",
     "WEIGHTS_KEY",
     "checkpoint_weights",
-    "create_model_from_checkpoint",
     "export_for_hf",
     "load_checkpoint_file",
     "model_card",

@@ -19,11 +19,8 @@ import multimax.integrations.timm  # noqa: F401 - registers the models
 from experiments.core.rundir import CHECKPOINT_LAST
 from experiments.pipelines.vision.parts import RESOLVED_CONFIG, build_model
 from experiments.pipelines.vision.train import train
-from multimax.integrations.timm_checkpoints import (
-    EMA_KEY,
-    create_model_from_checkpoint,
-    read_model_card,
-)
+from multimax.integrations.timm import create_model_from_checkpoint
+from multimax.integrations.timm_checkpoints import EMA_KEY, read_model_card
 from tests.apps import SHORT_VISION
 from tests.composition import compose
 

@@ -7,7 +7,7 @@ checkpoint reads, the lock, the clock) is :class:`experiments.core.rundir.RunDir
 
 A checkpoint also records what rebuilds its model (architecture, model arguments, data
 settings) and keeps the EMA weights where timm's loaders look for them, so timm and
-:func:`multimax.integrations.timm_checkpoints.create_model_from_checkpoint` load it as it is
+:func:`multimax.integrations.timm.create_model_from_checkpoint` load it as it is
 (docs/sharing_models.md)."""
 
 from __future__ import annotations

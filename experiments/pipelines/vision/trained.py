@@ -13,12 +13,8 @@ from torch import Tensor
 from experiments.core.rundir import load_checkpoint
 from experiments.pipelines.vision.data import build_datasets
 from experiments.pipelines.vision.parts import RESOLVED_CONFIG, build_model
-from multimax.integrations.timm import GapVisionTransformer
-from multimax.integrations.timm_checkpoints import (
-    ARCHITECTURE_KEY,
-    create_model_from_checkpoint,
-    model_card,
-)
+from multimax.integrations.timm import GapVisionTransformer, create_model_from_checkpoint
+from multimax.integrations.timm_checkpoints import ARCHITECTURE_KEY, model_card
 
 
 def load_trained_model(
@@ -28,7 +24,7 @@ def load_trained_model(
 
     Reads ``resolved_config.yaml`` and the newest readable checkpoint of ``run_dir`` and
     rebuilds the model with the package's loader
-    (:func:`multimax.integrations.timm_checkpoints.create_model_from_checkpoint`);
+    (:func:`multimax.integrations.timm.create_model_from_checkpoint`);
     ``use_ema`` takes the EMA weights when the run kept them.
     """
     run_dir = Path(run_dir)
