@@ -46,6 +46,7 @@ from experiments.core.console import configure_output
 from experiments.core.errors import RunStop
 from experiments.core.rundir import note_run_dir, stops_cleanly
 from experiments.pipelines.fairseq.commands import check_command_lines, parse_with_fairseq
+from multimax.normalizers import NORMALIZERS, check_output_normalizer
 
 # --- another app's experiment, data set or model ------------------------------------------------
 
@@ -109,6 +110,22 @@ def fairseq_problems(cfg: DictConfig, keys: list[str]) -> list[str]:
 # --- the check ------------------------------------------------------------------------------------
 
 
+def _refused_output_normalizer(node: DictConfig) -> str | None:
+    """``model.output_normalizer`` set explicitly (not following ``normalizer.name``) to a
+    normaliser whose rows are not a distribution: refused, not silently replaced by softmax."""
+    model = node.get("model")
+    if not isinstance(model, DictConfig) or "output_normalizer" not in model:
+        return None
+    raw = OmegaConf.to_container(model, resolve=False).get("output_normalizer")
+    if not isinstance(raw, str) or raw.startswith("${") or raw not in NORMALIZERS:
+        return None  # following the attention's choice (the schema judges the rest)
+    try:
+        check_output_normalizer(raw)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def problems(cfg: DictConfig, app: str, choices: Mapping[str, str] | None = None,
              fairseq_check: bool = True, overrides: Iterable[str] | None = None) -> list[str]:  # fmt: skip
     """One line per problem of the composed config of ``app`` (empty: it may run).
@@ -129,6 +146,9 @@ def problems(cfg: DictConfig, app: str, choices: Mapping[str, str] | None = None
         key = getattr(err, "full_key", "") or "a value"
         first = (str(err).splitlines() or [type(err).__name__])[0]
         return [f"{key}: cannot be resolved ({first})"]
+    refused = _refused_output_normalizer(node)
+    if refused:
+        return [refused]
     try:
         SCHEMAS[app].model_validate(data)
     except ValidationError as err:

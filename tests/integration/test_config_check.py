@@ -109,6 +109,8 @@ BAD_VALUES = [
     ("benchmark", ["repeats=0"], ["repeats=0: expected an integer >= 1"]),
     ("vision", ["model.output_normalizer=softpick"],
      ["model.output_normalizer=softpick is refused:", "cannot be an output layer"]),
+    ("vision", ["normalizer=sigmoid", "model.output_normalizer=sigmoid"],  # explicit, same name
+     ["model.output_normalizer=sigmoid is refused:", "cannot be an output layer"]),
     ("language_model", ["model.output_normalizer=stickbreaking"],
      ["model.output_normalizer=stickbreaking is refused:", "causal attention only"]),
     ("translation", ["normalizer=stickbreaking"],
