@@ -53,7 +53,9 @@ def damaged_digits(tmp_path):
 def slurm_unreachable() -> str | None:
     """Why no SLURM job can run from here (None: a cluster answers, with accounting)."""
     if shutil.which("sbatch") is None:
-        return "no SLURM client here (start a one-node cluster: sudo scripts/slurm_cluster.sh start)"
+        return (
+            "no SLURM client here (start a one-node cluster: sudo scripts/slurm_cluster.sh start)"
+        )
     for probe in (["sinfo", "-h", "-o", "%T"], ["sacct", "-n", "-X", "-S", "now-1minutes"]):
         try:
             done = subprocess.run(probe, capture_output=True, text=True, timeout=20)

@@ -195,7 +195,9 @@ def train(cfg: DictConfig, run_dir: Path) -> RunResult | None:
     parts = build_parts(cfg, ctx)  # checks the data first: a refused run writes nothing
     total = int(cfg.trainer.epochs) * parts.data.steps_per_epoch
     with (
-        RunDir.open(run_dir, total_steps=total, resume=latest_checkpoint, is_main=ctx.is_main) as run,
+        RunDir.open(
+            run_dir, total_steps=total, resume=latest_checkpoint, is_main=ctx.is_main
+        ) as run,
         stop_at_step_ends(),  # SIGTERM / SIGUSR2: a checkpoint at the current step, then exit
     ):
         if run.finished is not None:
