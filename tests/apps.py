@@ -59,10 +59,13 @@ TINY_MT = [
 
 
 def app_env(**extra: str) -> dict[str, str]:
-    """The environment of a user's shell, W&B offline (``make`` exports HYDRA_FULL_ERROR=1,
-    which a user does not have: errors are tested as a user sees them)."""
+    """The environment of a user's shell with the project's environment activated (its
+    ``python`` first on PATH: a printed ``python -m ...`` runs as the user would run it),
+    W&B offline (``make`` exports HYDRA_FULL_ERROR=1, which a user does not have: errors are
+    tested as a user sees them)."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return dict(env, WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return dict(env, PATH=path, WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
 
 
 def run(

@@ -258,11 +258,13 @@ def _log_artifacts(run, result: RunResult, run_dir: Path, checkpoint: Path | Non
 
 
 def sync_command(run) -> str:
-    """``wandb sync <run dir>/wandb/offline-run-*-<id>``: every offline folder of the run (one
-    per invocation, all with the run's id), which ``wandb sync`` uploads oldest first as one
-    run; folders of a superseded id (a start-over) are left out."""
+    """``wandb sync <run dir>/wandb/offline-run-*-<id>*``: every offline folder of the run (one
+    per invocation, all with the run's id; W&B adds ``-1``, ``-2`` to a folder started in the
+    same second as another), which ``wandb sync`` uploads oldest first as one run; folders of
+    a superseded id (a start-over) are left out (ids have one length: none is another's
+    prefix)."""
     wandb_dir = shlex.quote(str(Path(run.settings.sync_dir).parent))
-    return f"wandb sync {wandb_dir}/offline-run-*-{run.id}"
+    return f"wandb sync {wandb_dir}/offline-run-*-{run.id}*"
 
 
 def finish_wandb(

@@ -77,10 +77,13 @@ def test_results_round_trip_and_broken_files(tmp_path):
 
 
 def test_log_metrics_appends_jsonl(tmp_path):
-    log_metrics(tmp_path, 1, {"loss": 2.0})
-    log_metrics(tmp_path, 2, {"loss": 1.0, "top1": torch.tensor(50.0)})
+    log_metrics(tmp_path, 1, {"train/loss": 2.0})
+    log_metrics(tmp_path, 2, {"train/loss": 1.0, "val/top1": torch.tensor(50.0)})
     lines = [json.loads(x) for x in (tmp_path / METRICS_LOG).read_text().splitlines()]
-    assert lines == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "top1": 50.0}]
+    assert lines == [
+        {"step": 1, "train/loss": 2.0},
+        {"step": 2, "train/loss": 1.0, "val/top1": 50.0},
+    ]
 
 
 def _result(steps: int, value: float = 50.0) -> RunResult:
@@ -114,8 +117,8 @@ def test_open_locks_and_a_second_live_run_is_refused(tmp_path):
 
 
 def test_open_resumes_trims_the_curve_and_continues_the_clock(tmp_path):
-    log_metrics(tmp_path, 5, {"loss": 2.0})
-    log_metrics(tmp_path, 10, {"loss": 1.0})
+    log_metrics(tmp_path, 5, {"train/loss": 2.0})
+    log_metrics(tmp_path, 10, {"train/loss": 1.0})
     with (tmp_path / METRICS_LOG).open("a") as log:
         log.write('{"step": 11, "lo')  # a line cut short by a kill
     atomic_write_text(tmp_path / CLOCK_FILE, json.dumps({"seconds": 100.0}))
@@ -132,7 +135,7 @@ def test_open_resumes_trims_the_curve_and_continues_the_clock(tmp_path):
 
 
 def test_a_run_at_step_0_restarts_the_clock_and_clears_the_curve(tmp_path, capsys):
-    log_metrics(tmp_path, 5, {"loss": 2.0})
+    log_metrics(tmp_path, 5, {"train/loss": 2.0})
     atomic_write_text(tmp_path / CLOCK_FILE, json.dumps({"seconds": 100.0}))
     with RunDir.open(tmp_path, total_steps=20) as run:  # no resume function: step 0
         assert run.resume_step == 0 and run.wall_seconds() < 100.0
